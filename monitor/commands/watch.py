@@ -1,0 +1,113 @@
+"""`execmon watch`: the one-shot mode, for the terminal and for CI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+import structlog
+
+from monitor.config import Config, load_config
+from monitor.errors import UsageError
+from monitor.ids import InvalidExecutionId, validate_execution_id
+from monitor.logs import configure_logging
+from monitor.rates import parse_duration
+from monitor.watch import WatchOptions, read_ids, run_watch
+
+HELP = "watch execution IDs until each one ends, sending every result to the sinks"
+log = structlog.get_logger(__name__)
+
+_SPEC_KEYS = {"jsonl": "path", "webhook": "url", "command": "command"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ids", nargs="*", metavar="ID", help="execution IDs, or '-' to read them from stdin")
+    parser.add_argument("--config", help="TOML config file (see config.example.toml)")
+    parser.add_argument("--base-url", help="API base URL (env EXECMON_BASE_URL)")
+    parser.add_argument("--rate-limit", help="requests per window for the key, e.g. 30/60s")
+    parser.add_argument("--policy", choices=["adaptive", "backoff"], help="polling policy (default adaptive)")
+    parser.add_argument("--timeout", help="give up on an execution after this long (e.g. 600, 15m): timed_out")
+    parser.add_argument(
+        "--sink", action="append", metavar="SPEC", help="stdout | jsonl:PATH | webhook:URL | command:CMD (repeatable)"
+    )
+    parser.add_argument("--state", help="SQLite state file: a killed watch resumes from it")
+    parser.add_argument("--group", help="the IDs form one batch; sinks with events=['group'] get one digest")
+    parser.add_argument("--fail-fast", action="store_true", help="exit as soon as one ends other than completed")
+    parser.add_argument("--quiet", action="store_true", help="no live view or per-change lines; warnings only")
+    parser.add_argument("--log-level", help="debug | info | warning | error")
+
+
+def sink_table(spec: str) -> dict[str, Any]:
+    """A `--sink` spec as a [[sinks]] table: `stdout`, `jsonl:PATH`, `webhook:URL`, `command:CMD`."""
+    kind, sep, rest = spec.partition(":")
+    if kind == "stdout" and not sep:
+        return {"type": "stdout"}
+    if kind in _SPEC_KEYS and sep and rest:
+        return {"type": kind, _SPEC_KEYS[kind]: rest}
+    raise UsageError(f"--sink {spec!r}: expected stdout, jsonl:PATH, webhook:URL or command:CMD")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        "api.base_url": args.base_url,
+        "api.rate_limit": args.rate_limit,
+        "polling.policy": args.policy,
+        "logging.level": args.log_level,
+    }
+    if args.sink:
+        overrides["sinks"] = [sink_table(s) for s in args.sink]
+    config = load_config(args.config, overrides={k: v for k, v in overrides.items() if v is not None})
+    if not config.sinks:
+        config = load_config(args.config, overrides={**overrides, "sinks": [{"type": "stdout"}]})
+    return config
+
+
+def _valid_ids(raw: list[str]) -> tuple[list[str], list[str]]:
+    """Valid IDs in order, once each; invalid ones are reported and skipped (the rest are watched)."""
+    valid: list[str] = []
+    rejected: list[str] = []
+    seen: set[str] = set()
+    for execution_id in raw:
+        try:
+            validate_execution_id(execution_id)
+        except InvalidExecutionId as exc:
+            log.error("skipping an invalid ID", error=str(exc))
+            rejected.append(execution_id)
+            continue
+        if execution_id in seen:
+            log.warning("duplicate ID given; watched once", execution_id=execution_id)
+            continue
+        seen.add(execution_id)
+        valid.append(execution_id)
+    return valid, rejected
+
+
+def run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    live = sys.stderr.isatty() and not args.quiet
+    level = "warning" if args.quiet else config.logging.level
+    configure_logging(level, config.logging.format)
+    stdin_text = sys.stdin.read() if "-" in args.ids else None
+    ids, rejected = _valid_ids(read_ids(args.ids, stdin_text))
+    if not ids:
+        raise UsageError("no valid execution IDs to watch: pass IDs as arguments, or '-' to read them from stdin")
+    timeout_s = None
+    if args.timeout is not None:
+        try:
+            timeout_s = parse_duration(args.timeout)
+        except ValueError as exc:
+            raise UsageError(f"--timeout: {exc}") from None
+    config.api_key()  # a missing key is a usage error before anything starts
+    options = WatchOptions(
+        ids=ids,
+        state_path=args.state,
+        group=args.group,
+        timeout_s=timeout_s,
+        fail_fast=args.fail_fast,
+        quiet=args.quiet,
+        live=live,
+        rejected=rejected,
+    )
+    return asyncio.run(run_watch(config, options))

@@ -1,0 +1,203 @@
+"""Value parsers and the key schema of the configuration (loaded by `monitor.config`).
+
+Each parser returns the typed value or raises `Invalid("what was expected")`; the loader adds
+where the value came from and what was found. Strings are accepted for numbers, because the
+environment and flags only carry text ("90s", "15m" for seconds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from monitor.api.client import check_base_url
+from monitor.errors import UsageError
+from monitor.logs import FORMATS, LEVELS
+from monitor.rates import RateLimit, parse_duration, parse_rate_limit
+from monitor.records import Outcome
+
+DEFAULT_RATE_LIMIT = RateLimit(30, 60.0)
+# Environment variables that set a key (below flags, above the file).
+ENV_KEYS = {
+    "api.base_url": "EXECMON_BASE_URL",
+    "api.rate_limit": "EXECMON_RATE_LIMIT",
+    "polling.policy": "EXECMON_POLICY",
+    "state.path": "EXECMON_STATE",
+    "logging.level": "EXECMON_LOG_LEVEL",
+    "control.listen": "EXECMON_CONTROL_LISTEN",
+}
+
+
+class PolicyName(StrEnum):
+    """Which polling policy the scheduler runs."""
+
+    ADAPTIVE = "adaptive"  # spends the budget where a finish is likely (progress-based ETA)
+    BACKOFF = "backoff"  # the vendor page's poll_with_backoff, the baseline
+
+
+class SinkEvents(StrEnum):
+    """Which kinds of records a sink receives."""
+
+    EXECUTION = "execution"  # one record per terminal execution
+    GROUP = "group"  # one digest per group once all its members are terminal
+
+
+class Invalid(Exception):
+    """A parser's complaint: what was expected."""
+
+
+Parser = Callable[[Any], Any]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid("a non-empty string")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _choice(choices: tuple[str, ...], convert: Callable[[str], Any] = str) -> Parser:
+    def parse(value: Any) -> Any:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise Invalid("one of " + ", ".join(repr(c) for c in choices))
+        return convert(value.strip().lower())
+
+    return parse
+
+
+def _number(value: Any) -> float:
+    """A finite number; strings (from the environment or flags) may carry a unit: '90s', '15m'."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    number = parse_duration(value) if isinstance(value, str) else float(value)
+    if not math.isfinite(number):
+        raise ValueError("not finite")
+    return number
+
+
+def _seconds(*, positive: bool = False) -> Parser:
+    expected = f"a number of seconds {'> 0' if positive else '>= 0'} (or a duration such as '90s', '15m')"
+
+    def parse(value: Any) -> float:
+        try:
+            seconds = _number(value)
+        except (TypeError, ValueError):
+            raise Invalid(expected) from None
+        if seconds < 0 or (positive and seconds == 0):
+            raise Invalid(expected)
+        return seconds
+
+    return parse
+
+
+def _factor(value: Any) -> float:
+    try:
+        number = _number(value)
+    except (TypeError, ValueError):
+        number = 0.0
+    if number < 1:
+        raise Invalid("a number >= 1")
+    return number
+
+
+def _integer(minimum: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # from the environment or a flag
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise Invalid(f"an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _rate(value: Any) -> RateLimit:
+    if isinstance(value, RateLimit):
+        return value
+    try:
+        return parse_rate_limit(value) if isinstance(value, str) else parse_rate_limit("")
+    except ValueError:
+        raise Invalid("a rate limit 'N/T' with N >= 1 and T > 0, such as '30/60s'") from None
+
+
+def _base_url(value: Any) -> str:
+    text = _text(value)
+    try:
+        check_base_url(text)
+    except UsageError:
+        raise Invalid("an http:// or https:// URL with a host, e.g. 'http://127.0.0.1:8080'") from None
+    return text.rstrip("/")
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:8787') into (host, port)."""
+    host, sep, port = value.strip().rpartition(":") if isinstance(value, str) else ("", "", "")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise Invalid("'HOST:PORT' such as '127.0.0.1:8787' (IPv6: '[::1]:8787')")
+    return host, int(port)
+
+
+def _names(value: Any, allowed: tuple[str, ...]) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in allowed for v in value):
+        raise Invalid("a list of " + ", ".join(repr(a) for a in allowed))
+    return list(dict.fromkeys(value))  # duplicates dropped, order kept
+
+
+def _outcomes(value: Any) -> tuple[Outcome, ...]:
+    return tuple(Outcome(v) for v in _names(value, tuple(Outcome)))
+
+
+def _events(value: Any) -> tuple[SinkEvents, ...]:
+    return tuple(SinkEvents(v) for v in _names(value, tuple(SinkEvents)))
+
+
+SCHEMA: dict[str, dict[str, Parser]] = {
+    "api": {
+        "base_url": _base_url,
+        "api_key_env": _text,
+        "api_key_file": _optional_text,
+        "rate_limit": _rate,
+        "request_timeout_s": _seconds(positive=True),
+        "max_connections": _integer(1),
+        "retry_after_cap_s": _seconds(),
+    },
+    "polling": {
+        "policy": _choice(tuple(PolicyName), PolicyName),
+        "max_in_flight": _integer(1),
+        "initial_interval_s": _seconds(positive=True),
+        "backoff_factor": _factor,
+        "max_interval_s": _seconds(positive=True),
+        "error_backoff_base_s": _seconds(positive=True),
+        "error_backoff_cap_s": _seconds(positive=True),
+        "not_found_confirmations": _integer(1),
+        "not_found_min_span_s": _seconds(),
+        "deadline_s": _seconds(),
+    },
+    "state": {"path": _text},
+    "control": {
+        "listen": _listen,
+        "token_env": _text,
+        "token_file": _optional_text,
+        "max_body_bytes": _integer(1),
+        "grace_s": _seconds(),
+    },
+    "logging": {"level": _choice(LEVELS), "format": _choice(FORMATS)},
+}
+SINK_KEYS: dict[str, Parser] = {
+    "type": _text,
+    "on": _outcomes,
+    "events": _events,
+    "max_attempts": _integer(1),
+    "backoff_base_s": _seconds(positive=True),
+    "backoff_cap_s": _seconds(positive=True),
+    "timeout_s": _seconds(positive=True),
+    "queue_size": _integer(1),
+}
+ALL_KEYS = [f"{section}.{key}" for section, keys in SCHEMA.items() for key in keys]

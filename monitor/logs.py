@@ -1,0 +1,140 @@
+"""Logging: structlog for everything, stdlib records (aiohttp's, ...) rendered by the same pipeline.
+
+JSON lines when the stream is not a terminal, the console renderer when it is. Every line passes a
+redaction processor (registered secrets, see `monitor.secrets`) after exception formatting and
+before rendering, so no secret reaches a line whatever the logging call passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from monitor.errors import UsageError
+from monitor.secrets import redact
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("auto", "json", "console")
+_HANDLER_MARK = "_execmon_handler"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def redact_value(value: object) -> object:
+    """`value` with every registered secret replaced, looking into dicts, lists and tuples.
+
+    Other objects are kept as they are unless their repr (what a renderer would print) holds a
+    secret; then they are replaced by the redacted repr.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, Mapping):
+        return {redact_value(k): redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact_value(v) for v in value]
+    shown = repr(value)
+    cleaned = redact(shown)
+    return value if cleaned == shown else cleaned
+
+
+def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: redact every value (event text and formatted exception included)."""
+    return {key: redact_value(value) for key, value in event_dict.items()}
+
+
+def check_level(level: str) -> str:
+    """The level name in lower case, or UsageError listing the valid ones."""
+    name = str(level).strip().lower()
+    if name == "warn":
+        name = "warning"
+    if name not in LEVELS:
+        raise UsageError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
+    return name
+
+
+def check_format(fmt: str) -> str:
+    name = str(fmt).strip().lower()
+    if name not in FORMATS:
+        raise UsageError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return name
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False
+
+
+def _pre_chain() -> list[Processor]:
+    """What every record gets before formatting, structlog's and stdlib's alike."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def _renderer(fmt: str, stream: TextIO) -> Processor:
+    if fmt == "auto":
+        fmt = "console" if _is_terminal(stream) else "json"
+    if fmt == "json":
+        return structlog.processors.JSONRenderer()
+    # Tracebacks were already formatted (and redacted) as text: print them plainly, no rich locals.
+    return structlog.dev.ConsoleRenderer(
+        colors=_is_terminal(stream), exception_formatter=structlog.dev.plain_traceback
+    )
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up structlog and stdlib logging to write to `stream` (default: stderr). Safe to call again."""
+    level_name = check_level(level)
+    fmt_name = check_format(fmt)
+    out = sys.stderr if stream is None else stream
+    numeric = getattr(logging, level_name.upper())
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_pre_chain(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact_secrets,  # after the traceback is text, before anything is rendered
+            _renderer(fmt_name, out),
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    _remove_handlers(root)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    structlog.configure(
+        processors=[*_pre_chain(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        context_class=dict,
+        # Not cached: a later configure_logging() or structlog.testing.capture_logs() must apply
+        # to loggers that modules created at import time.
+        cache_logger_on_first_use=False,
+    )
+
+
+def reset_logging() -> None:
+    """Undo configure_logging (for tests and embedders): structlog defaults, our handler removed."""
+    _remove_handlers(logging.getLogger())
+    structlog.reset_defaults()
+
+
+def _remove_handlers(root: logging.Logger) -> None:
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+        old.close()

@@ -1,0 +1,270 @@
+"""`execmon run`: the daemon's lifecycle around the engine.
+
+Start: load the config, bind the control API (a busy port fails here, before any state is opened),
+enter the engine (opens SQLite, resumes every tracked execution), start the loop monitors.
+SIGTERM / SIGINT: stop taking work, let the engine finish or abandon in-flight polls within
+`control.grace_s` and flush its sinks, exit 0; a second signal exits at once (state is durable).
+SIGHUP: reload the config; a bad one is refused with a log line and the old one stays.
+
+`Daemon` is an async context manager and signal handling is optional, so it can be embedded in
+someone else's loop; `run_daemon` is the command's entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import structlog
+
+from monitor.config import Config, load_config
+from monitor.errors import UsageError
+from monitor.logs import configure_logging
+from monitor.service.control import (
+    ControlBackend,
+    ControlServer,
+    ControlState,
+    check_listen_allowed,
+    create_control_app,
+)
+from monitor.service.metrics import Metrics
+from monitor.service.stall import StallMonitor
+
+log = structlog.get_logger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORCED_EXIT_STATUS = 130
+
+
+class EngineLike(Protocol):
+    """What the daemon needs from `monitor.engine.Engine`."""
+
+    @property
+    def backend(self) -> ControlBackend: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Any: ...
+
+    async def reload(self, config: Config) -> None: ...
+
+    async def shutdown(self, grace_s: float) -> None: ...
+
+
+EngineFactory = Callable[[Config], EngineLike]
+
+
+def default_engine_factory(config: Config) -> EngineLike:
+    from monitor.engine import Engine  # noqa: PLC0415 - imported late: the heavy part of the daemon
+
+    engine: EngineLike = Engine(config)
+    return engine
+
+
+class Daemon:
+    """The running service. `async with Daemon(path) as d: await d.wait_stopped()`."""
+
+    def __init__(
+        self,
+        config_path: str | Path | None,
+        *,
+        env: Mapping[str, str] | None = None,
+        engine_factory: EngineFactory = default_engine_factory,
+        handle_signals: bool = True,
+        configure_logs: bool = True,
+        stall_threshold_s: float = 0.2,
+    ) -> None:
+        self.config_path = None if config_path is None else Path(config_path)
+        self._env = env
+        self._engine_factory = engine_factory
+        self._handle_signals = handle_signals
+        self._configure_logs = configure_logs
+        self._stall_threshold_s = stall_threshold_s
+        self._stack = AsyncExitStack()
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task[bool]] = set()
+        self._signals: list[signal.Signals] = []
+        self._config: Config | None = None
+        self._engine: EngineLike | None = None
+        self._server: ControlServer | None = None
+        self.state = ControlState()
+
+    @property
+    def config(self) -> Config:
+        assert self._config is not None, "the daemon is not started"
+        return self._config
+
+    @property
+    def control_url(self) -> str:
+        assert self._server is not None, "the daemon is not started"
+        return self._server.url
+
+    def _load(self) -> Config:
+        return load_config(self.config_path, env=os.environ if self._env is None else self._env)
+
+    async def __aenter__(self) -> Daemon:
+        config = self._load()
+        if self._configure_logs:
+            configure_logging(config.logging.level, config.logging.format)
+        try:
+            await self._start(config)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self, config: Config) -> None:
+        token = config.control_token()
+        host, port = config.control.listen
+        check_listen_allowed(host, token)
+        if token is None:
+            log.warning(
+                "the control API has no token: anyone on this machine can use it", listen=f"{host}:{port}"
+            )
+        self._config = config
+        self.state.token = token
+        app = create_control_app(self.state, max_body_bytes=config.control.max_body_bytes)
+        self._server = ControlServer(app, host, port)
+        await self._server.start()
+        self._stack.push_async_callback(self._server.stop)
+        engine = self._engine_factory(config)
+        await self._stack.enter_async_context(engine)
+        self._engine = engine
+        metrics = engine.metrics
+        self.state.metrics = metrics
+        stall = StallMonitor(
+            threshold_s=self._stall_threshold_s,
+            on_lag=metrics.set_loop_lag,
+            on_stall=lambda _blocked_s, _stack: metrics.loop_stalled(),
+        )
+        await self._stack.enter_async_context(stall)
+        if self._handle_signals:
+            self._install_signal_handlers()
+        self.state.backend = engine.backend  # from now on /healthz follows the engine
+        log.info("daemon started", control=self._server.url, config=config.source, state=config.state.path)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._remove_signal_handlers()
+        self.state.stopping = True
+        for task in list(self._reload_tasks):
+            task.cancel()
+        try:
+            if self._engine is not None:
+                grace_s = self.config.control.grace_s
+                log.info("stopping", grace_s=grace_s)
+                await self._engine.shutdown(grace_s)
+        finally:
+            await self._stack.aclose()
+            self._engine = None
+        log.info("daemon stopped")
+
+    async def wait_stopped(self) -> None:
+        """Return once a stop was requested (signal or `request_stop`)."""
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        self.state.stopping = True  # refuse new executions at once, before the shutdown starts
+        self._stopped.set()
+
+    # --- reload --------------------------------------------------------------------------------
+
+    def request_reload(self) -> asyncio.Task[bool]:
+        task = asyncio.get_running_loop().create_task(self.reload(), name="execmon-reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+        return task
+
+    async def reload(self) -> bool:
+        """Apply a new config from the same file; refuse it (keeping the old) if anything is wrong."""
+        async with self._reload_lock:
+            old = self.config
+            try:
+                new = self._load()
+                token = new.control_token()
+                check_listen_allowed(old.control.listen[0], token)
+            except UsageError as exc:
+                log.error("config reload refused; keeping the previous config", error=str(exc))
+                return False
+            if self._engine is None:
+                return False
+            try:
+                await self._engine.reload(new)
+            except UsageError as exc:
+                log.error("config reload refused; keeping the previous config", error=str(exc))
+                return False
+            except Exception:
+                log.exception("config reload failed; keeping the previous config")
+                return False
+            self._apply(old, new, token)
+            return True
+
+    def _apply(self, old: Config, new: Config, token: Any) -> None:
+        self.state.token = token
+        self._config = new
+        if self._configure_logs:
+            configure_logging(new.logging.level, new.logging.format)
+        for key in ("listen", "max_body_bytes"):
+            if getattr(new.control, key) != getattr(old.control, key):
+                log.warning("a control setting changed: it takes effect on restart", key=f"control.{key}")
+        log.info(
+            "config reloaded", config=new.source, rate_limit=str(new.api.rate_limit), sinks=len(new.sinks)
+        )
+
+    # --- signals -------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            handler = self._on_reload_signal if sig == signal.SIGHUP else self._on_stop_signal
+            try:
+                loop.add_signal_handler(sig, handler, sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or not Unix
+                continue
+            self._signals.append(sig)
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+        self._signals.clear()
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if self._stopped.is_set():
+            # State is durable (a kill -9 loses nothing): an impatient second signal may skip the grace.
+            log.warning("second stop signal: exiting now", signal=sig.name)
+            os._exit(FORCED_EXIT_STATUS)
+        log.info("stop requested", signal=sig.name)
+        self.request_stop()
+
+    def _on_reload_signal(self, sig: signal.Signals) -> None:
+        log.info("reload requested", signal=sig.name)
+        self.request_reload()
+
+
+async def serve(daemon: Daemon) -> int:
+    async with daemon:
+        await daemon.wait_stopped()
+    return 0
+
+
+def run_daemon(
+    config_path: str | Path | None, *, engine_factory: EngineFactory = default_engine_factory
+) -> int:
+    """`execmon run`: serve until SIGTERM/SIGINT, then exit 0. Config and bind errors raise UsageError."""
+    return asyncio.run(serve(Daemon(config_path, engine_factory=engine_factory)))

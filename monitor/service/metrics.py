@@ -1,0 +1,121 @@
+"""Prometheus metrics for the daemon, in a registry of their own.
+
+Each `Metrics` owns a `CollectorRegistry` instead of using the process-global one, so that tests
+(and embedders) can create as many engines as they like without "duplicated timeseries" errors.
+The engine calls the small methods below; the control API serves `render()` at `/metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+# Detection delay (end of an execution -> its result reached the sinks) spans seconds to hours.
+DETECTION_DELAY_BUCKETS = (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+
+
+class Metrics:
+    """Every series the daemon exposes. Methods are cheap and safe to call from the event loop."""
+
+    def __init__(self, namespace: str = "execmon") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        ns = namespace
+        self._requests = Counter(
+            "api_requests",
+            "Status requests to the vendor API, by outcome.",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._throttled = Counter(
+            "api_throttled", "Answers 429 (rate limited) from the vendor API.", namespace=ns, registry=reg
+        )
+        self._budget_used = Gauge(
+            "budget_used", "Requests spent in the current rate-limit window.", namespace=ns, registry=reg
+        )
+        self._budget_free = Gauge(
+            "budget_free",
+            "Requests still allowed in the current rate-limit window.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._tracked = Gauge(
+            "executions_tracked",
+            "Executions in the state store, by state.",
+            ["state"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._detection_delay = Histogram(
+            "detection_delay_seconds",
+            "Seconds from an execution's end (server time) to its result reaching the sinks.",
+            namespace=ns,
+            registry=reg,
+            buckets=DETECTION_DELAY_BUCKETS,
+        )
+        self._deliveries = Counter(
+            "sink_deliveries",
+            "Deliveries to sinks, by sink and result.",
+            ["sink", "result"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._outbox_depth = Gauge(
+            "outbox_depth", "Results waiting in the outbox for delivery.", namespace=ns, registry=reg
+        )
+        self._dead_letters = Gauge(
+            "dead_letters", "Results that no sink could take after every retry.", namespace=ns, registry=reg
+        )
+        self._loop_lag = Gauge(
+            "event_loop_lag_seconds",
+            "How late a 0.1 s sleep on the event loop woke up.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._loop_stalls = Counter(
+            "event_loop_stalls", "Times the event loop was blocked longer than the stall threshold.",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+
+    def request(self, outcome: str) -> None:
+        """One status request finished (outcome such as ok, not_found, throttled, key_rejected, transient)."""
+        self._requests.labels(outcome=outcome).inc()
+
+    def throttled(self) -> None:
+        self._throttled.inc()
+
+    def set_budget(self, used: int, free: int) -> None:
+        self._budget_used.set(used)
+        self._budget_free.set(free)
+
+    def set_tracked(self, by_status: Mapping[str, int]) -> None:
+        """Replace the whole per-state breakdown, so that a state that emptied drops to nothing."""
+        self._tracked.clear()
+        for state, count in by_status.items():
+            self._tracked.labels(state=state).set(count)
+
+    def observe_detection_delay(self, seconds: float) -> None:
+        self._detection_delay.observe(max(0.0, seconds))
+
+    def delivery(self, sink: str, result: str) -> None:
+        """One delivery attempt to a sink ended (result such as ok, retry, dead_letter)."""
+        self._deliveries.labels(sink=sink, result=result).inc()
+
+    def set_outbox_depth(self, n: int) -> None:
+        self._outbox_depth.set(n)
+
+    def set_dead_letters(self, n: int) -> None:
+        self._dead_letters.set(n)
+
+    def set_loop_lag(self, seconds: float) -> None:
+        self._loop_lag.set(max(0.0, seconds))
+
+    def loop_stalled(self) -> None:
+        self._loop_stalls.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

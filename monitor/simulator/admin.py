@@ -1,0 +1,109 @@
+"""The simulator's test-only endpoints under `/_sim`: ground truth, stats, creating executions, revoking keys.
+
+They are outside the vendor API: no key needed, never counted in the rate limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from monitor.simulator.errors import SimulatorRequestError
+from monitor.simulator.scenario import ProgressKind, ProgressModel
+
+if TYPE_CHECKING:
+    from monitor.simulator.server import Simulator
+
+_CREATE_KEYS = ("count", "ids", "duration_s", "outcome", "progress")
+
+
+def add_admin_routes(app: web.Application, simulator: Simulator) -> None:
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(simulator.stats())
+
+    async def executions(_: web.Request) -> web.Response:
+        return web.json_response(ground_truth(simulator))
+
+    async def create(request: web.Request) -> web.Response:
+        try:
+            payload = await _json_object(request)
+            ids = simulator.create(**_create_arguments(payload))
+        except SimulatorRequestError as exc:
+            return _error(exc.status, exc.code, str(exc))
+        return web.json_response({"execution_ids": ids})
+
+    async def revoke(request: web.Request) -> web.Response:
+        try:
+            payload = await _json_object(request)
+            key = payload.get("key")
+            if not isinstance(key, str) or not key or set(payload) != {"key"}:
+                raise SimulatorRequestError('expected {"key": "<the API key to revoke>"}')
+        except SimulatorRequestError as exc:
+            return _error(exc.status, exc.code, str(exc))
+        simulator.revoke(key)
+        return web.json_response({"revoked": True})
+
+    app.router.add_get("/_sim/stats", stats)
+    app.router.add_get("/_sim/executions", executions)
+    app.router.add_post("/_sim/executions", create)
+    app.router.add_post("/_sim/keys/revoke", revoke)
+
+
+def ground_truth(simulator: Simulator) -> dict[str, Any]:
+    """The GET /_sim/executions body: what really happened, with wall-clock timestamps."""
+    clock = simulator.clock
+    return {
+        "executions": [
+            {
+                "execution_id": t.execution_id,
+                "status": t.status,
+                "progress": t.progress,
+                "created_at": clock.iso(t.created_at),
+                "ended_at": None if t.ended_at is None else clock.iso(t.ended_at),
+                "polls": t.polls,
+            }
+            for t in simulator.truth()
+        ],
+        "not_found_ids": simulator.not_found_ids(),
+    }
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        payload = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise SimulatorRequestError("the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise SimulatorRequestError("the body must be a JSON object")
+    return payload
+
+
+def _create_arguments(payload: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(payload) - set(_CREATE_KEYS))
+    if unknown:
+        raise SimulatorRequestError(f"unknown key {unknown[0]!r} (allowed: {', '.join(_CREATE_KEYS)})")
+    arguments: dict[str, Any] = {
+        "count": payload.get("count"),
+        "ids": payload.get("ids"),
+        "duration_s": payload.get("duration_s", 60.0),
+        "outcome": payload.get("outcome"),
+    }
+    if "progress" in payload:
+        arguments["progress"] = _progress_model(payload["progress"])
+    return arguments
+
+
+def _progress_model(value: object) -> ProgressModel:
+    allowed = [kind.value for kind in ProgressKind]
+    if not isinstance(value, dict) or value.get("model") not in allowed or set(value) - {"model", "noise"}:
+        raise SimulatorRequestError(f'\'progress\' must be {{"model": one of {allowed}, "noise": number}}')
+    noise = value.get("noise", 0.0)
+    if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < 1000:
+        raise SimulatorRequestError("'progress.noise' must be a number >= 0")
+    return ProgressModel(str(value["model"]), float(noise))
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)

@@ -1,0 +1,241 @@
+"""Opening an execmon state file: the single-writer lock, the schema and its version.
+
+A state file is only ever opened by one process for writing. The lock is an `flock` on a
+sibling `<path>.lock` file, so the kernel releases it when the process dies, even on kill -9.
+A file this version cannot read (a newer schema, a corrupt or foreign file) is refused with a
+message that says what to do; it is never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from monitor import __version__
+from monitor.errors import UsageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE executions (
+    execution_id TEXT PRIMARY KEY,
+    tracked_since REAL NOT NULL,
+    deadline_at REAL,
+    grp TEXT,
+    labels_json TEXT NOT NULL DEFAULT '{}',
+    schedule_json TEXT,
+    last_status_json TEXT,
+    polls INTEGER NOT NULL DEFAULT 0,
+    terminal_outcome TEXT,
+    terminal_at REAL,
+    record_json TEXT
+);
+CREATE INDEX executions_by_group ON executions (grp) WHERE grp IS NOT NULL;
+CREATE INDEX executions_by_outcome ON executions (terminal_outcome);
+CREATE TABLE groups (
+    name TEXT PRIMARY KEY,
+    expected_total INTEGER,
+    members INTEGER NOT NULL DEFAULT 0,
+    terminal INTEGER NOT NULL DEFAULT 0,
+    digest_at REAL
+);
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    sink TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    execution_id TEXT,
+    record_json TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (event_id, sink)
+);
+CREATE INDEX outbox_by_sink_state ON outbox (sink, state, next_attempt_at);
+CREATE TABLE budget (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stamp REAL NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX budget_by_stamp ON budget (stamp);
+"""
+
+
+class StateError(UsageError):
+    """The state file cannot be used (in use, newer, corrupt, unreachable). Exit status 2."""
+
+
+class FileLock:
+    """An exclusive `flock` on `<state>.lock` holding the owner's pid (for the error message)."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.path = state_path.with_name(state_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, state_path: Path) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_pid(fd)
+            os.close(fd)
+            who = f" (pid {owner})" if owner else ""
+            raise StateError(
+                f"state file {state_path} is in use by another execmon{who}; stop it first, "
+                "or give this one another state file"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL journal, schema checked."""
+    if not path.parent.is_dir():
+        raise StateError(f"cannot open state file {path}: directory {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise StateError(f"state file {path} is not a regular file")
+    if read_only:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        conn = _sqlite_connect(uri, path, uri=True)
+    else:
+        conn = _sqlite_connect(str(path), path, uri=False)
+    conn.row_factory = sqlite3.Row
+    try:
+        if not read_only:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        _check_or_create_schema(conn, path, read_only=read_only)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise unreadable(path, exc) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _sqlite_connect(target: str, path: Path, *, uri: bool) -> sqlite3.Connection:
+    try:
+        # Autocommit (isolation_level=None): the store opens every transaction itself.
+        return sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=uri)
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot open state file {path}: {exc}") from None
+
+
+def unreadable(path: Path, exc: sqlite3.Error) -> StateError:
+    return StateError(
+        f"state file {path} is not a usable execmon state file ({exc}); it was left untouched: "
+        "move it aside or give another state file"
+    )
+
+
+def _check_or_create_schema(conn: sqlite3.Connection, path: Path, *, read_only: bool) -> None:
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        if read_only:
+            raise StateError(f"state file {path} is empty: nothing has been tracked with it yet")
+        _create(conn)
+        return
+    if "meta" not in tables:
+        raise StateError(f"{path} is an SQLite file but not an execmon state file; give another state file")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row and str(row[0]).isdigit() else None
+    if version is None:
+        raise StateError(f"state file {path} has no schema version; move it aside or give another state file")
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"state file {path} was written by a newer execmon (schema {version}; this execmon {__version__} "
+            f"reads up to {SCHEMA_VERSION}); upgrade execmon or give another state file"
+        )
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    """Create the schema and the meta rows in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("schema_version", str(SCHEMA_VERSION)), ("created_by", f"execmon {__version__}")],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class Connection:
+    """The one connection of a Store: short explicit transactions, sqlite errors as StateError."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+        self._lock = threading.RLock()  # the store may be called from a worker thread for big batches
+        self._durable = True
+
+    @contextlib.contextmanager
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE .. COMMIT. `durable=False` (poll bookkeeping) skips the fsync of this commit;
+        WAL keeps it safe against a killed process, and the next durable commit syncs it too."""
+        with self._lock:
+            try:
+                if durable != self._durable:
+                    self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise  # a bug in the caller, not a broken file
+                raise unreadable(self.path, exc) from exc
+
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise unreadable(self.path, exc) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()

@@ -1,0 +1,307 @@
+"""The state file (SQLite): tracked executions and their schedule, the outbox, budget history.
+
+This is the only module (with its helpers in this package) that speaks SQL. Calls are synchronous
+and small, so the event loop may call them directly; big batches (`track_many`) are one
+transaction. A terminal outcome and its outbox rows are written in ONE transaction, so a crash
+can never leave a result that is terminal but undelivered-and-forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from monitor.errors import UsageError
+from monitor.records import Outcome, build_group_record
+from monitor.state.db import Connection, FileLock, StateError, connect
+from monitor.state.outbox import OutboxQueries, enqueue
+from monitor.state.rows import DeliveryState, OutboxRow, TrackedRow, TrackRequest, dumps, tracked_from
+
+log = structlog.get_logger(__name__)
+
+BUDGET_KEEP_S = 3600.0  # request history older than this can no longer matter to any window
+_PRUNE_EVERY = 64
+STATUS_FILTERS = ("all", "active", "running", "terminal", *(o.value for o in Outcome))
+
+
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    """What `finish` did: whether the ID became terminal now, and the group digest it produced."""
+
+    newly_terminal: bool
+    enqueued: int = 0
+    group_record: dict[str, Any] | None = None
+
+
+class Store(OutboxQueries):
+    """One open state file, held exclusively by this process (see `Store.open`)."""
+
+    def __init__(self, db: Connection, lock: FileLock | None) -> None:
+        self._db = db
+        self._lock = lock
+        self._group_sinks: tuple[str, ...] = ()
+        self._budget_writes = 0
+
+    @classmethod
+    def open(cls, path: str | Path, *, read_only: bool = False) -> Store:
+        """Open (or create) a state file. Raises StateError when it is in use, newer, or not ours.
+
+        `read_only=True` takes no lock (WAL lets it read beside a running writer); for inspection.
+        """
+        state_path = Path(path).expanduser()
+        lock = None
+        if not read_only:
+            lock = FileLock(state_path)
+            lock.acquire(state_path)
+        try:
+            conn = connect(state_path, read_only=read_only)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(Connection(conn, state_path), lock)
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def set_group_sinks(self, names: Sequence[str]) -> None:
+        """The sinks that receive group digests (the delivery engine sets this from the sinks' `events`)."""
+        self._group_sinks = tuple(names)
+
+    # -- executions ---------------------------------------------------------------------------
+
+    def track_many(self, rows: Iterable[TrackRequest]) -> list[str]:
+        """Start tracking; returns the IDs that were new. A tracked ID is left as it is (schedule kept)."""
+        added: list[str] = []
+        with self._db.transaction() as conn:
+            for row in rows:
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO executions (execution_id, tracked_since, deadline_at, grp,"
+                    " labels_json, schedule_json) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        row.execution_id,
+                        row.tracked_since,
+                        row.deadline_at,
+                        row.group,
+                        dumps(dict(row.labels)),
+                        dumps(dict(row.schedule)) if row.schedule is not None else None,
+                    ),
+                )
+                if cursor.rowcount:
+                    added.append(row.execution_id)
+                    if row.group is not None:
+                        _join_group(conn, row.group)
+        return added
+
+    def untrack(self, execution_id: str) -> bool:
+        """Forget an ID (its pending deliveries stay). A group it leaves may become complete."""
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM executions WHERE execution_id = ?", (execution_id,))
+            if row["grp"] is not None:
+                was_terminal = 1 if row["terminal_outcome"] is not None else 0
+                conn.execute(
+                    "UPDATE groups SET members = members - 1, terminal = terminal - ? WHERE name = ?",
+                    (was_terminal, row["grp"]),
+                )
+                self._maybe_digest(conn, row["grp"])
+            return True
+
+    def get(self, execution_id: str) -> TrackedRow | None:
+        rows = self._db.read("SELECT * FROM executions WHERE execution_id = ?", (execution_id,))
+        return tracked_from(rows[0]) if rows else None
+
+    def load_active(self) -> list[TrackedRow]:
+        """Every tracked ID that is not terminal yet, oldest first (what a restart resumes)."""
+        rows = self._db.read(
+            "SELECT * FROM executions WHERE terminal_outcome IS NULL ORDER BY tracked_since, execution_id"
+        )
+        return [tracked_from(r) for r in rows]
+
+    def list_executions(
+        self, status_filter: str | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[TrackedRow]:
+        """Tracked IDs, oldest first. Filter: all, active|running, terminal, or an outcome."""
+        where, params = _filter_sql(status_filter)
+        rows = self._db.read(
+            f"SELECT * FROM executions {where} ORDER BY tracked_since, execution_id LIMIT ? OFFSET ?",  # noqa: S608 -- `where` is one of a fixed set
+            [*params, limit, offset],
+        )
+        return [tracked_from(r) for r in rows]
+
+    def count_executions(self, status_filter: str | None = None) -> int:
+        where, params = _filter_sql(status_filter)
+        rows = self._db.read(f"SELECT count(*) AS n FROM executions {where}", params)  # noqa: S608 -- as above
+        return int(rows[0]["n"])
+
+    def save_poll(
+        self,
+        execution_id: str,
+        schedule: Mapping[str, Any] | None,
+        last_status: Mapping[str, Any] | None,
+        polls: int,
+    ) -> None:
+        """Persist the schedule after a poll. Not fsynced: a lost one costs one extra poll."""
+        with self._db.transaction(durable=False) as conn:
+            conn.execute(
+                "UPDATE executions SET schedule_json = ?, last_status_json = ?, polls = ?"
+                " WHERE execution_id = ? AND terminal_outcome IS NULL",
+                (
+                    dumps(dict(schedule)) if schedule is not None else None,
+                    dumps(dict(last_status)) if last_status is not None else None,
+                    polls,
+                    execution_id,
+                ),
+            )
+
+    def finish(
+        self,
+        execution_id: str,
+        outcome: Outcome | str,
+        record: Mapping[str, Any],
+        sinks: Sequence[str],
+        *,
+        terminal_at: float | None = None,
+    ) -> FinishResult:
+        """Mark terminal AND enqueue the record for `sinks`, in one transaction. Idempotent.
+
+        When this was the group's last member, the group digest is built and enqueued for the
+        group sinks in the same transaction.
+        """
+        outcome = Outcome(outcome)
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
+            ).fetchone()
+            if row is None or row["terminal_outcome"] is not None:
+                return FinishResult(newly_terminal=False)
+            conn.execute(
+                "UPDATE executions SET terminal_outcome = ?, terminal_at = ?, record_json = ?"
+                " WHERE execution_id = ?",
+                (outcome.value, terminal_at or time.time(), dumps(dict(record)), execution_id),
+            )
+            added = enqueue(conn, record, sinks, execution_id=execution_id)
+            group_record = None
+            if row["grp"] is not None:
+                conn.execute("UPDATE groups SET terminal = terminal + 1 WHERE name = ?", (row["grp"],))
+                group_record = self._maybe_digest(conn, row["grp"])
+        return FinishResult(newly_terminal=True, enqueued=added, group_record=group_record)
+
+    def results(self, execution_ids: Iterable[str] | None = None) -> dict[str, Outcome]:
+        """The terminal outcome of every terminal ID (or of those given that are terminal)."""
+        rows = self._db.read(
+            "SELECT execution_id, terminal_outcome FROM executions WHERE terminal_outcome IS NOT NULL"
+        )
+        found = {r["execution_id"]: Outcome(r["terminal_outcome"]) for r in rows}
+        if execution_ids is None:
+            return found
+        return {i: found[i] for i in execution_ids if i in found}
+
+    # -- groups -------------------------------------------------------------------------------
+
+    def _maybe_digest(self, conn: sqlite3.Connection, group: str) -> dict[str, Any] | None:
+        """Enqueue the group's digest once every member is terminal (once per group name)."""
+        state = conn.execute(
+            "SELECT members, terminal, expected_total, digest_at FROM groups WHERE name = ?", (group,)
+        ).fetchone()
+        if state is None or state["digest_at"] is not None or state["members"] <= 0:
+            return None
+        if state["terminal"] < max(state["members"], state["expected_total"] or 0):
+            return None
+        members = conn.execute(
+            "SELECT record_json FROM executions WHERE grp = ? AND record_json IS NOT NULL", (group,)
+        ).fetchall()
+        record = build_group_record(group, (json.loads(m["record_json"]) for m in members))
+        enqueue(conn, record, self._group_sinks, execution_id=None)
+        conn.execute("UPDATE groups SET digest_at = ? WHERE name = ?", (time.time(), group))
+        return record
+
+    def set_group_expected(self, group: str, expected_total: int) -> None:
+        """Hold the digest until at least this many members are terminal (members may arrive late)."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO groups (name, expected_total) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET expected_total = excluded.expected_total",
+                (group, expected_total),
+            )
+
+    # -- budget history -----------------------------------------------------------------------
+
+    def record_request(self, stamp: float) -> int:
+        """A request is about to be sent at `stamp` (epoch s); returns its row id."""
+        with self._db.transaction(durable=False) as conn:
+            cursor = conn.execute("INSERT INTO budget (stamp, done) VALUES (?, 0)", (stamp,))
+            self._budget_writes += 1
+            if self._budget_writes % _PRUNE_EVERY == 0:
+                conn.execute("DELETE FROM budget WHERE stamp < ?", (stamp - BUDGET_KEEP_S,))
+            return int(cursor.lastrowid or 0)
+
+    def complete_request(self, row_id: int, stamp: float) -> None:
+        """The answer came at `stamp`: the latest moment the server can have counted the request."""
+        with self._db.transaction(durable=False) as conn:
+            conn.execute("UPDATE budget SET stamp = ?, done = 1 WHERE id = ?", (stamp, row_id))
+
+    def recent_requests(self, since: float) -> list[tuple[float, bool]]:
+        """(stamp, done) of requests at or after `since`, oldest first. Not done = sent, no answer seen."""
+        rows = self._db.read("SELECT stamp, done FROM budget WHERE stamp >= ? ORDER BY stamp", (since,))
+        return [(float(r["stamp"]), bool(r["done"])) for r in rows]
+
+
+def _join_group(conn: sqlite3.Connection, group: str) -> None:
+    row = conn.execute(
+        "INSERT INTO groups (name, members) VALUES (?, 1)"
+        " ON CONFLICT (name) DO UPDATE SET members = members + 1 RETURNING digest_at",
+        (group,),
+    ).fetchone()
+    if row is not None and row["digest_at"] is not None:
+        log.warning("group already reported; a new member gets no second digest", group=group)
+
+
+def _filter_sql(status_filter: str | None) -> tuple[str, list[object]]:
+    if status_filter in (None, "all"):
+        return "", []
+    if status_filter in ("active", "running"):
+        return "WHERE terminal_outcome IS NULL", []
+    if status_filter == "terminal":
+        return "WHERE terminal_outcome IS NOT NULL", []
+    if status_filter in {o.value for o in Outcome}:
+        return "WHERE terminal_outcome = ?", [status_filter]
+    raise UsageError(f"unknown status filter {status_filter!r}: expected one of {', '.join(STATUS_FILTERS)}")
+
+
+__all__ = [
+    "DeliveryState",
+    "FinishResult",
+    "OutboxRow",
+    "StateError",
+    "Store",
+    "TrackRequest",
+    "TrackedRow",
+]

@@ -1,0 +1,113 @@
+"""The terminal side of `execmon watch`: a live view on a TTY, and the closing summary.
+
+Everything here writes to stderr, so that stdout carries result records only.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from monitor.clock import parse_iso
+from monitor.rates import RateLimit
+from monitor.records import Outcome, TerminalEvent
+
+_OUTCOME_STYLE = {
+    Outcome.COMPLETED: "green",
+    Outcome.FAILED: "red",
+    Outcome.CANCELLED: "yellow",
+    Outcome.NOT_FOUND: "magenta",
+    Outcome.TIMED_OUT: "red",
+}
+
+
+@dataclass
+class WatchStats:
+    """What the view shows: per-ID progress and outcome, totals, budget use, detection delays."""
+
+    total: int
+    rate: RateLimit
+    requests: int = 0
+    budget_used: int = 0
+    progress: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    delays_s: list[float] = field(default_factory=list)
+
+    def preload(self, outcomes: dict[str, Outcome]) -> None:
+        self.outcomes.update(outcomes)
+
+    def record_outcome(self, event: TerminalEvent) -> None:
+        self.outcomes[event.execution_id] = event.outcome
+        finished = parse_iso(event.status.finished_at or "") if event.status is not None else None
+        if finished is not None:
+            self.delays_s.append(max(0.0, event.observed_at - finished))
+
+    def print_summary(self, counts: Counter[str], *, dead: int) -> None:
+        console = Console(stderr=True, highlight=False)
+        parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        console.print(f"[bold]execmon watch:[/bold] {sum(counts.values())} executions: {parts}")
+        if self.delays_s:
+            delays = sorted(self.delays_s)
+            p90 = delays[min(len(delays) - 1, int(0.9 * len(delays)))]
+            console.print(
+                f"detection delay: mean {statistics.fmean(delays):.1f} s, p90 {p90:.1f} s, "
+                f"max {delays[-1]:.1f} s (from the server's finish time to the result)"
+            )
+        console.print(f"requests: {self.requests} (budget {self.rate}); dead letters: {dead}")
+
+
+class LiveView:
+    """A rich Live display on stderr: one progress bar per execution (as many as fit), totals, budget."""
+
+    def __init__(self, stats: WatchStats) -> None:
+        self.stats = stats
+        self.console = Console(stderr=True)
+        self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> LiveView:
+        self._live.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.refresh()
+        self._live.__exit__(exc_type, exc, tb)
+
+    def refresh(self) -> None:
+        self._live.update(self._render())
+
+    def _render(self) -> Group:
+        stats = self.stats
+        rows = max(3, self.console.size.height - 6)
+        running = sorted(
+            (i for i in stats.progress if i not in stats.outcomes), key=lambda i: -stats.progress[i]
+        )
+        table = Table.grid(padding=(0, 1))
+        for execution_id in running[:rows]:
+            pct = stats.progress[execution_id]
+            table.add_row(execution_id, ProgressBar(total=100, completed=pct, width=30), f"{pct:3d}%")
+        hidden = len(running) - rows
+        counts = Counter(o.value for o in stats.outcomes.values())
+        done = sum(counts.values())
+        totals = Text(f"{done}/{stats.total} finished  ")
+        for outcome, style in _OUTCOME_STYLE.items():
+            if counts.get(outcome.value):
+                totals.append(f"{outcome.value} {counts[outcome.value]}  ", style=style)
+        totals.append(
+            f"| budget {stats.budget_used}/{stats.rate.limit} per {stats.rate.window_s:g}s"
+            f" | requests {stats.requests}"
+        )
+        parts: list[Table | Text] = [table]
+        if hidden > 0:
+            parts.append(Text(f"... and {hidden} more running", style="dim"))
+        parts.append(totals)
+        return Group(*parts)
