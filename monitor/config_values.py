@@ -64,7 +64,7 @@ def _optional_text(value: Any) -> str | None:
 def _choice(choices: tuple[str, ...], convert: Callable[[str], Any] = str) -> Parser:
     def parse(value: Any) -> Any:
         if not isinstance(value, str) or value.strip().lower() not in choices:
-            raise Invalid("one of " + ", ".join(repr(c) for c in choices))
+            raise Invalid("one of " + ", ".join(repr(str(c)) for c in choices))
         return convert(value.strip().lower())
 
     return parse
@@ -146,7 +146,7 @@ def _listen(value: Any) -> tuple[str, int]:
 
 def _names(value: Any, allowed: tuple[str, ...]) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v in allowed for v in value):
-        raise Invalid("a list of " + ", ".join(repr(a) for a in allowed))
+        raise Invalid("a list of " + ", ".join(repr(str(a)) for a in allowed))
     return list(dict.fromkeys(value))  # duplicates dropped, order kept
 
 

@@ -29,7 +29,9 @@ class ControlError(UsageError):
 
 
 class NotTracked(ControlError):
-    """404 for one execution ID."""
+    """404 for one execution ID: exit 1, like `rm` of a missing file."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True, slots=True)

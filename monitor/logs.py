@@ -22,25 +22,37 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")
 _HANDLER_MARK = "_execmon_handler"
 _PLAIN = (str, int, float, bool, type(None))
+_MAX_DEPTH = 32
 
 
-def redact_value(value: object) -> object:
+def redact_value(value: object, _depth: int = 0) -> object:
     """`value` with every registered secret replaced, looking into dicts, lists and tuples.
 
-    Other objects are kept as they are unless their repr (what a renderer would print) holds a
-    secret; then they are replaced by the redacted repr.
+    Other objects (and structures nested deeper than a sane log line) are kept as they are unless
+    their repr, which is what a renderer prints, holds a secret; then the redacted repr replaces them.
     """
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, _PLAIN):
         return value
-    if isinstance(value, Mapping):
-        return {redact_value(k): redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [redact_value(v) for v in value]
-    shown = repr(value)
+    if _depth < _MAX_DEPTH:
+        if isinstance(value, Mapping):
+            return {_redact_key(k): redact_value(v, _depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [redact_value(v, _depth + 1) for v in value]
+    try:
+        shown = repr(value)
+    except RecursionError:  # a structure that contains itself
+        return f"<unprintable {type(value).__name__}>"
     cleaned = redact(shown)
     return value if cleaned == shown else cleaned
+
+
+def _redact_key(key: object) -> object:
+    """Keys stay keys; ones JSON cannot hold (tuples, objects) become their redacted str."""
+    if isinstance(key, _PLAIN):
+        return redact(key) if isinstance(key, str) else key
+    return redact(str(key))
 
 
 def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -118,7 +130,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     root.addHandler(handler)
     root.setLevel(numeric)
     structlog.configure(
-        processors=[*_pre_chain(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Redacted here too, so that any other handler on the root logger gets clean records.
+        processors=[
+            *_pre_chain(),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         context_class=dict,
@@ -130,7 +148,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 
 def reset_logging() -> None:
     """Undo configure_logging (for tests and embedders): structlog defaults, our handler removed."""
-    _remove_handlers(logging.getLogger())
+    root = logging.getLogger()
+    _remove_handlers(root)
+    root.setLevel(logging.WARNING)  # the stdlib default
     structlog.reset_defaults()
 
 

@@ -91,14 +91,16 @@ def test_lognormal_median_sigma_and_clipping() -> None:
         group(duration={"dist": "lognormal", "median_s": 600, "sigma": 1.0, "min_s": 300, "max_s": 900})
     ).plan()
     values = [p.duration_s for p in clipped]
-    assert min(values) == 300 and max(values) == 900
+    assert min(values) == 300
+    assert max(values) == 900
     assert sum(v == 300 for v in values) > 100  # clipped, not re-drawn
 
 
 def test_uniform_and_fixed() -> None:
     plan = scenario(group(duration={"dist": "uniform", "min_s": 100, "max_s": 300})).plan()
     durations = [p.duration_s for p in plan]
-    assert 100 <= min(durations) < 110 and 290 < max(durations) <= 300
+    assert 100 <= min(durations) < 110
+    assert 290 < max(durations) <= 300
     assert statistics.mean(durations) == pytest.approx(200, rel=0.05)
     fixed = scenario(group(count=10, duration={"dist": "fixed", "s": 42, "max_s": 40})).plan()
     assert {p.duration_s for p in fixed} == {40}
@@ -158,17 +160,35 @@ def test_default_scenario() -> None:
     ("text", "needle"),
     [
         ('seed = 1\n[[groups]]\ncount = 1\nduration = { dist = "normal", s = 1 }', "groups[0].duration.dist"),
-        ('rate_limit = "30 per minute"\n[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }', "rate_limit"),
+        (
+            'rate_limit = "30 per minute"\n[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }',
+            "rate_limit",
+        ),
         ("seed = 1", "groups"),
         ('[[groups]]\ncount = -1\nduration = { dist = "fixed", s = 1 }', "groups[0].count"),
         ('[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\nnot_found = 2', "groups[0].not_found"),
         ('[[groups]]\ncount = 1\nduration = { dist = "uniform", min_s = 1 }', "groups[0].duration.min_s"),
-        ('[[groups]]\ncount = 1\nduration = { dist = "lognormal", sigma = 1 }', "groups[0].duration.median_s"),
+        (
+            '[[groups]]\ncount = 1\nduration = { dist = "lognormal", sigma = 1 }',
+            "groups[0].duration.median_s",
+        ),
         ('[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\ncolour = 3', "groups[0].colour"),
-        ('[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\nprogress = { model = "log" }', "model"),
-        ('[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\noutcomes = { completed = 0 }', "outcomes"),
-        ('[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\noutcomes = { lost = 1 }', "outcomes.lost"),
-        ('[[groups]]\ncount = 1\narrival = { from_s = 10, to_s = 5 }\nduration = { dist = "fixed", s = 1 }', "to_s"),
+        (
+            '[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\nprogress = { model = "log" }',
+            "model",
+        ),
+        (
+            '[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\noutcomes = { completed = 0 }',
+            "outcomes",
+        ),
+        (
+            '[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }\noutcomes = { lost = 1 }',
+            "outcomes.lost",
+        ),
+        (
+            '[[groups]]\ncount = 1\narrival = { from_s = 10, to_s = 5 }\nduration = { dist = "fixed", s = 1}',
+            "to_s",
+        ),
         ("seed = 1\n[[groups]]\ncount = 1", "groups[0].duration"),
         ('seed = "x"\n[[groups]]\ncount = 1\nduration = { dist = "fixed", s = 1 }', "seed"),
     ],

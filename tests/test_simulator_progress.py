@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 
 import pytest
@@ -14,7 +15,9 @@ from monitor.simulator.scenario import ProgressModel
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
 
 
-def execution(model: str, noise: float = 0.0, outcome: str = "completed", end_s: float = 100.0) -> SimExecution:
+def execution(
+    model: str, noise: float = 0.0, outcome: str = "completed", end_s: float = 100.0
+) -> SimExecution:
     return SimExecution.create(
         execution_id="exec_1",
         created_at=1000.0,
@@ -64,10 +67,10 @@ def test_steps_jump_a_few_uneven_times() -> None:
         )
         values = [e.reported_progress(t / 10) for t in range(1000)]
         assert values == sorted(values)  # without noise it never goes back
-        jumps = sum(1 for a, b in zip(values, values[1:], strict=False) if b != a)
+        jumps = sum(1 for a, b in itertools.pairwise(values) if b != a)
         assert 4 <= jumps <= 8
         gaps = [b[0] - a[0] for a, b in zip(e.steps, e.steps[1:], strict=False)]
-        assert len(set(round(g, 6) for g in gaps)) > 1  # uneven
+        assert len({round(g, 6) for g in gaps}) > 1  # uneven
 
 
 def test_failed_and_cancelled_end_early_with_the_model_progress() -> None:
@@ -93,10 +96,13 @@ async def test_bodies_have_the_vendor_shapes() -> None:
     )
     body = running.body(now + 5.0, clock)
     assert set(body) == {"execution_id", "status", "progress", "current_step", "updated_at"}
-    assert body["status"] == "running" and body["progress"] == 50 and ISO_Z.match(body["updated_at"])
+    assert body["status"] == "running"
+    assert body["progress"] == 50
+    assert ISO_Z.match(body["updated_at"])
     done = running.body(now + 12.0, clock)
     assert set(done) == {"execution_id", "status", "progress", "result", "metadata", "completed_at"}
-    assert done["progress"] == 100 and isinstance(done["result"], str)
+    assert done["progress"] == 100
+    assert isinstance(done["result"], str)
     assert set(done["metadata"]) == {"execution_time", "tokens_used"}
     assert done["metadata"]["execution_time"] == 10.0
     assert done["completed_at"] == clock.iso(now + 10.0)  # the end, not the time of asking
@@ -105,4 +111,5 @@ async def test_bodies_have_the_vendor_shapes() -> None:
     assert set(failed["error"]) == {"code", "message", "details"}
     cancelled = execution("linear", outcome="cancelled", end_s=30.0).body(2000.0, clock)
     assert set(cancelled) == {"execution_id", "status", "progress", "cancelled_at"}
-    assert cancelled["progress"] == 30 and ISO_Z.match(cancelled["cancelled_at"])
+    assert cancelled["progress"] == 30
+    assert ISO_Z.match(cancelled["cancelled_at"])

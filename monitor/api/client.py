@@ -98,7 +98,7 @@ def check_base_url(base_url: str) -> URL:
 
 def _check_key(api_key: Secret) -> None:
     if not isinstance(api_key, Secret):
-        raise UsageError("the API key must be given as a monitor.secrets.Secret")
+        raise UsageError("the API key must be given as a Secret (monitor.secrets)")
     if not _HEADER_SAFE.match(api_key.reveal()):
         raise UsageError("the API key is empty or holds characters not allowed in an HTTP header")
 

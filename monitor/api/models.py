@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -58,7 +59,7 @@ def _opt_dict(payload: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 
 def _progress(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return max(0, min(100, int(value)))
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 
 import structlog
 
@@ -123,31 +124,35 @@ async def serve(
             simulator.add_plan(scenario.plan())
         if executions:
             simulator.add_plan(default_scenario(executions, settings.seed).plan())
-        print(f"listening on {url}", flush=True)
-        log.info(
-            "simulator ready",
-            url=url,
-            rate_limit=str(settings.rate_limit) if settings.rate_limit else "none",
-            speed=settings.speed,
-            scenario=scenario.name if scenario else None,
-            executions=len(simulator.truth()),
-        )
-        await _until_signalled()
+        with _stop_on_signals() as stop:  # before the line: a signal right after it must stop us cleanly
+            print(f"listening on {url}", flush=True)
+            log.info(
+                "simulator ready",
+                url=url,
+                rate_limit=str(settings.rate_limit) if settings.rate_limit else "none",
+                speed=settings.speed,
+                scenario=scenario.name if scenario else None,
+                executions=len(simulator.truth()),
+            )
+            await stop.wait()
         log.info("simulator stopping")
     finally:
         await runner.cleanup()
     return 0
 
 
-async def _until_signalled() -> None:
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[asyncio.Event]:
+    """An event set by SIGTERM or SIGINT while inside the block."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
         with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform's loop
             loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signals:
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signum)

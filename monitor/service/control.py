@@ -28,7 +28,7 @@ from monitor.errors import UsageError
 from monitor.ids import is_valid_execution_id
 from monitor.secrets import Secret
 from monitor.service.metrics import Metrics
-from monitor.service.validation import ApiError, ErrorCode, parse_list_query, parse_track_request
+from monitor.service.validation import ApiError, ErrorCode, check_query, parse_list_query, parse_track_request
 
 log = structlog.get_logger(__name__)
 
@@ -176,6 +176,7 @@ def _backend(request: web.Request) -> ControlBackend:
 
 
 def _path_id(request: web.Request) -> str:
+    check_query(request.query)
     execution_id = request.match_info["execution_id"]
     if not is_valid_execution_id(execution_id):
         raise ApiError.for_invalid_ids([execution_id])
@@ -187,6 +188,7 @@ async def _track(request: web.Request) -> web.Response:
     if state.stopping:
         raise ApiError(503, ErrorCode.UNAVAILABLE, "the daemon is stopping and takes no new executions")
     backend = _backend(request)
+    check_query(request.query)
     body = await request.read()  # capped by client_max_size: HTTPRequestEntityTooLarge -> 413
     wanted = parse_track_request(body)
     result = await backend.track(
@@ -284,7 +286,7 @@ class ControlServer:
         # The daemon owns the access log (structlog); a short shutdown wait keeps SIGTERM quick.
         runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=2.0)
+        site = web.TCPSite(runner, self.host, self.port)
         try:
             await site.start()
         except OSError as exc:

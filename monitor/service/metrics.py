@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 # Detection delay (end of an execution -> its result reached the sinks) spans seconds to hours.
+# generate_latest writes the classic text format (our names need no escaping), which every
+# Prometheus understands; newer clients label it "version=1.0.0", which older scrapers do not know.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DETECTION_DELAY_BUCKETS = (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 
 
@@ -118,4 +121,4 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE

@@ -29,6 +29,7 @@ SHOWN_ID_CHARS = 130
 STATES = ("pending", "running", "completed", "failed", "cancelled", "not_found", "timed_out")
 STATUS_FILTERS = (*STATES, "terminal", "active")
 TRACK_FIELDS = frozenset({"ids", "deadline_s", "labels", "group"})
+LIST_PARAMETERS = frozenset({"status", "limit", "offset"})
 _DIGITS = re.compile(r"[0-9]{1,12}")
 
 
@@ -188,8 +189,18 @@ def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high
     return int(raw)
 
 
+def check_query(query: Mapping[str, str], allowed: frozenset[str] = frozenset()) -> None:
+    """Unknown query parameters are errors: `?state=running` must not silently list everything."""
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        named = ", ".join(repr(k[:40]) for k in unknown[:5])
+        accepted = ", ".join(sorted(allowed)) or "none"
+        _bad(f"unknown query parameter(s): {named}; accepted here: {accepted}")
+
+
 def parse_list_query(query: Mapping[str, str]) -> ListQuery:
     """Validate GET /v1/executions parameters."""
+    check_query(query, LIST_PARAMETERS)
     status = query.get("status")
     if status is not None and status not in STATUS_FILTERS:
         _bad(f"'status' must be one of {', '.join(STATUS_FILTERS)}")

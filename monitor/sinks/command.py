@@ -21,7 +21,14 @@ from typing import Any, Self
 from monitor.config import SinkConfig
 from monitor.errors import UsageError
 from monitor.secrets import redact
-from monitor.sinks.base import BaseSink, DeliveryError, encode_record, optional_bool, optional_int, optional_str_map
+from monitor.sinks.base import (
+    BaseSink,
+    DeliveryError,
+    encode_record,
+    optional_bool,
+    optional_int,
+    optional_str_map,
+)
 
 STDERR_TAIL_BYTES = 2000
 _PIPE_GRACE_S = 1.0  # after exit, how long to wait for a stderr held open by a leftover child
@@ -122,7 +129,9 @@ def _resolve_program(program: str, common: SinkConfig) -> str:
         path = Path(program).expanduser()
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-        raise UsageError(f"{common.where('command')}: program {program!r} does not exist or is not executable")
+        raise UsageError(
+            f"{common.where('command')}: program {program!r} does not exist or is not executable"
+        )
     found = shutil.which(program)
     if found is None:
         raise UsageError(f"{common.where('command')}: program {program!r} not found on PATH")
@@ -131,7 +140,8 @@ def _resolve_program(program: str, common: SinkConfig) -> str:
 
 async def _feed_and_wait(proc: asyncio.subprocess.Process, data: bytes) -> str:
     """Write stdin, close it, keep the tail of stderr, wait for the exit; returns the stderr tail."""
-    assert proc.stdin is not None and proc.stderr is not None
+    assert proc.stdin is not None
+    assert proc.stderr is not None
     reader = asyncio.ensure_future(_tail(proc.stderr))
     try:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):

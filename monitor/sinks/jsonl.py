@@ -18,7 +18,14 @@ from typing import Any, Self
 
 from monitor.config import SinkConfig
 from monitor.errors import UsageError
-from monitor.sinks.base import BaseSink, DeliveryError, encode_record, optional_bool, optional_int, required_str
+from monitor.sinks.base import (
+    BaseSink,
+    DeliveryError,
+    encode_record,
+    optional_bool,
+    optional_int,
+    required_str,
+)
 
 _READ_CHUNK = 1 << 20
 

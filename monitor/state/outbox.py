@@ -132,6 +132,9 @@ class OutboxQueries:
             )
         return int(rows[0]["n"])
 
+    def dead_count(self) -> int:
+        return int(self._db.read("SELECT count(*) AS n FROM outbox WHERE state = 'dead'")[0]["n"])
+
     def delivery_counts(self) -> dict[str, dict[DeliveryState, int]]:
         """Per sink, how many rows are in each state (for metrics and `execmon status`)."""
         counts: dict[str, dict[DeliveryState, int]] = {}

@@ -57,6 +57,8 @@ class Store(OutboxQueries):
         `read_only=True` takes no lock (WAL lets it read beside a running writer); for inspection.
         """
         state_path = Path(path).expanduser()
+        if not state_path.parent.is_dir():
+            raise StateError(f"cannot open state file {state_path}: directory {state_path.parent} does not exist")
         lock = None
         if not read_only:
             lock = FileLock(state_path)

@@ -1,0 +1,235 @@
+"""The request budget of one API key: never more than N requests in any sliding window of T seconds,
+as the server counts them, from the first second, after idle spells, retries and 404s included.
+
+Two mechanisms, one for smoothness and one for the guarantee:
+- pacing: `aiolimiter.AsyncLimiter(1, T/N)` spaces request starts T/N apart (a leaky bucket of
+  capacity 1 never bursts; `AsyncLimiter(N, T)` would let N through at once and ~2N in the first T);
+- the hard guarantee: a log of the last requests' stamps. A request may start only while fewer than
+  N requests are in the window (now - T, now], counting every request still in flight as in the
+  window. A request's stamp is the time its answer came back, which is never before the server saw
+  it; so if stamp <= start - T, the server's own count for the new request (taken on arrival, which
+  is after the start) cannot include the old one.
+
+A 429 (`throttle`) pauses the whole key until Retry-After (capped) and halves the pacing rate for a
+few windows. A rejected key (`block`) stops every new request until `unblock`. `history` carries the
+stamps of requests a previous process made (loop time; the store persists them through the
+`on_request_started` / `on_request_done` hooks), so a restart does not spend them a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+import structlog
+from aiolimiter import AsyncLimiter
+
+from monitor.clock import Clock
+from monitor.rates import RateLimit
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RATE = RateLimit(30, 60.0)
+_MIN_WAIT_S = 1e-6  # a stamp exactly T old still counts (the window is (now - T, now]): wait past it
+
+StartedHook = Callable[[float], object]  # stamp -> token (e.g. a row id)
+DoneHook = Callable[[object, float | None], None]  # token, stamp (None: the ticket was never used)
+
+
+class Ticket:
+    """The right to make one request; give it back with `Budget.release`."""
+
+    __slots__ = ("released", "started_at", "token")
+
+    def __init__(self, started_at: float, token: object) -> None:
+        self.started_at = started_at
+        self.token = token
+        self.released = False
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStats:
+    limit: int
+    window_s: float
+    used: int  # requests in the current window, in flight included
+    free: int  # requests that could start now, as far as the window goes
+    in_flight: int
+    paused_until: float | None  # loop time, while a 429 pause lasts
+    slowed_until: float | None  # loop time, while the pacing rate is halved
+    blocked: bool  # the key was rejected
+    requests: int  # requests started since this budget was made
+    throttles: int  # 429s reported
+
+
+class Budget:
+    """One per API key. `async with budget.spend(): ...` or `t = await budget.acquire(); ...; release(t)`."""
+
+    def __init__(
+        self,
+        rate: RateLimit = DEFAULT_RATE,
+        clock: Clock | None = None,
+        *,
+        history: Iterable[float] = (),
+        throttle_cap_s: float = 300.0,
+        slow_windows: float = 3.0,
+        on_request_started: StartedHook | None = None,
+        on_request_done: DoneHook | None = None,
+    ) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._interval = rate.window_s / rate.limit
+        self._pacer = AsyncLimiter(1, self._interval)
+        self._stamps: deque[float] = deque(sorted(history))
+        self._in_flight = 0
+        self._paused_until = -math.inf
+        self._slowed_until = -math.inf
+        self._last_start = -math.inf
+        self._blocked = False
+        self._throttle_cap_s = throttle_cap_s
+        self._slow_windows = slow_windows
+        self._on_started = on_request_started
+        self._on_done = on_request_done
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self.requests = 0
+        self.throttles = 0
+
+    # -- time -------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock.now()
+        return asyncio.get_running_loop().time()
+
+    @property
+    def rate_per_s(self) -> float:
+        """The sustained rate this budget allows now (halved while slowed after a 429)."""
+        slow = self._slowed_until > self._now()
+        return self.rate.per_second / (2.0 if slow else 1.0)
+
+    # -- spending ---------------------------------------------------------------------------------
+
+    async def acquire(self) -> Ticket:
+        """Wait until one more request may start; the ticket counts as in flight until released."""
+        async with self._lock:  # one waiter at a time: FIFO, and each sees the previous one's stamp
+            await self._pacer.acquire()
+            while True:
+                wait = self._wait_needed(self._now())
+                if wait is None:
+                    break
+                await self._sleep_or_change(wait)
+            now = self._now()
+            self._in_flight += 1
+            self._last_start = now
+            self.requests += 1
+            token = self._on_started(now) if self._on_started is not None else None
+            return Ticket(now, token)
+
+    def release(self, ticket: Ticket, *, used: bool = True) -> None:
+        """The request is over (its answer, or its failure, came back). `used=False`: never sent."""
+        if ticket.released:
+            return
+        ticket.released = True
+        self._in_flight -= 1
+        now = self._now()
+        if used:
+            self._stamps.append(now)
+        else:
+            self.requests -= 1
+        if self._on_done is not None:
+            self._on_done(ticket.token, now if used else None)
+        self._notify()
+
+    @asynccontextmanager
+    async def spend(self) -> AsyncIterator[Ticket]:
+        ticket = await self.acquire()
+        try:
+            yield ticket
+        finally:
+            self.release(ticket)
+
+    def _wait_needed(self, now: float) -> float | None:
+        """None when a request may start now; else seconds to wait (inf: until something changes)."""
+        if self._blocked:
+            return math.inf
+        if now < self._paused_until:
+            return self._paused_until - now
+        if now < self._slowed_until and now < self._last_start + 2 * self._interval:
+            return self._last_start + 2 * self._interval - now
+        self._forget_before(now - self.rate.window_s)
+        excess = len(self._stamps) + self._in_flight - self.rate.limit + 1
+        if excess <= 0:
+            return None
+        if excess > len(self._stamps):
+            return math.inf  # the window is full of requests in flight: wait for one to come back
+        # The window frees up when the excess-th oldest stamp leaves it (stamp <= now - T).
+        return max(self._stamps[excess - 1] + self.rate.window_s - now, _MIN_WAIT_S)
+
+    def _forget_before(self, horizon: float) -> None:
+        stamps = self._stamps
+        while stamps and stamps[0] <= horizon:
+            stamps.popleft()
+
+    async def _sleep_or_change(self, seconds: float) -> None:
+        self._changed.clear()
+        if math.isinf(seconds):
+            await self._changed.wait()
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=seconds)
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    # -- what the server said ----------------------------------------------------------------------
+
+    def throttle(self, retry_after_s: float | None) -> None:
+        """A 429: pause the whole key until Retry-After (capped; T/2 without one), then go slower."""
+        now = self._now()
+        pause = self.rate.window_s / 2 if retry_after_s is None else retry_after_s
+        pause = min(max(pause, 0.0), self._throttle_cap_s)
+        self._paused_until = max(self._paused_until, now + pause)
+        self._slowed_until = max(
+            self._slowed_until, self._paused_until + self._slow_windows * self.rate.window_s
+        )
+        self.throttles += 1
+        log.warning(
+            "api key throttled", pause_s=round(pause, 3), slowed_for_s=self._slow_windows * self.rate.window_s
+        )
+        self._notify()
+
+    def block(self) -> None:
+        """The key was rejected: no request starts until `unblock`."""
+        self._blocked = True
+        self._notify()
+
+    def unblock(self) -> None:
+        self._blocked = False
+        self._notify()
+
+    @property
+    def blocked(self) -> bool:
+        return self._blocked
+
+    # -- what a live view or /metrics shows ---------------------------------------------------------
+
+    def stats(self) -> BudgetStats:
+        now = self._now()
+        self._forget_before(now - self.rate.window_s)
+        used = len(self._stamps) + self._in_flight
+        return BudgetStats(
+            limit=self.rate.limit,
+            window_s=self.rate.window_s,
+            used=used,
+            free=max(self.rate.limit - used, 0),
+            in_flight=self._in_flight,
+            paused_until=self._paused_until if self._paused_until > now else None,
+            slowed_until=self._slowed_until if self._slowed_until > now else None,
+            blocked=self._blocked,
+            requests=self.requests,
+            throttles=self.throttles,
+        )

@@ -1,0 +1,82 @@
+"""Per-execution schedule state as JSON-able dicts (epoch times), so a restarted process resumes.
+
+The lead persists `export_state(...)` after every poll and hands it back as `track(restored=...)`.
+Unknown or malformed fields are ignored: a state written by another version never stops a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from monitor.clock import Clock
+from monitor.schedule.state import ExecState
+
+STATE_VERSION = 1
+
+
+def export_state(state: ExecState, clock: Clock) -> dict[str, Any]:
+    deadline_s = None if state.expires_at is None else state.expires_at - state.tracked_since
+    return {
+        "v": STATE_VERSION,
+        "tracked_since": clock.wall(state.tracked_since),
+        "deadline_s": deadline_s,
+        "polls": state.polls,
+        "errors": state.errors,
+        "not_found": {
+            "count": state.nf_count,
+            "first": clock.wall(state.nf_first) if state.nf_count else None,
+        },
+        "last_poll": clock.wall(state.last_poll),
+        "progress": state.progress,
+        "status": state.raw_status,
+        "samples": [[clock.wall(t), p] for t, p in state.sample_pairs()],
+        "delay": state.delay,
+        "misses": state.misses,
+    }
+
+
+def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
+    """Fill a fresh state from `export_state` output (times converted back to this loop)."""
+    state.tracked_since = _loop_time(data.get("tracked_since"), clock, state.tracked_since)
+    state.last_poll = _loop_time(data.get("last_poll"), clock, state.tracked_since)
+    state.polls = _count(data.get("polls"))
+    state.errors = _count(data.get("errors"))
+    state.misses = _count(data.get("misses"))
+    delay = _number(data.get("delay"))
+    if delay is not None and delay > 0:
+        state.delay = delay
+    deadline_s = _number(data.get("deadline_s"))
+    if deadline_s is not None and deadline_s > 0:
+        state.expires_at = state.tracked_since + deadline_s
+    not_found = data.get("not_found")
+    if isinstance(not_found, dict) and _count(not_found.get("count")) > 0:
+        state.nf_count = _count(not_found.get("count"))
+        state.nf_first = _loop_time(not_found.get("first"), clock, state.last_poll)
+    progress = _number(data.get("progress"))
+    state.progress = None if progress is None else int(progress)
+    status = data.get("status")
+    state.raw_status = status if isinstance(status, str) else None
+    samples = data.get("samples")
+    if isinstance(samples, list):
+        for item in samples:
+            if isinstance(item, list | tuple) and len(item) == 2:
+                t, p = _number(item[0]), _number(item[1])
+                if t is not None and p is not None:
+                    state.add_sample(clock.to_loop(t), int(p))
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _count(value: object) -> int:
+    number = _number(value)
+    return int(number) if number is not None and number >= 0 else 0
+
+
+def _loop_time(value: object, clock: Clock, default: float) -> float:
+    number = _number(value)
+    return default if number is None else clock.to_loop(number)

@@ -1,0 +1,316 @@
+"""When to poll which execution: the vendor page's backoff loop, and the adaptive policy.
+
+The scheduler takes a budget token first and only then asks `choose(now)` (late binding), so every
+choice uses the freshest information. Choosing is O(log n): lazy-deletion heaps, never a scan.
+
+backoff (the baseline)
+    The vendor page's `poll_with_backoff` run once per execution: first poll at once, then gaps of
+    1 s, x1.5 each time, capped at 30 s: next_due = last_poll + delay. All executions share one
+    budget, served FIFO by due time, so with more executions than the budget allows it degenerates
+    into round robin: each one is seen every N / R seconds (N tracked, R requests per second) and a
+    finish is noticed N / (2R) seconds late on average.
+
+adaptive (the default)
+    Spends the budget where a finish is most likely, with a floor so that nothing is starved.
+    Each token goes, in this order, to:
+    1. the floor: the execution polled longest ago, if that was at least
+           F = max(floor_min_s, alpha * N / R)        (alpha = floor_factor, default 1.1)
+       ago. F is the round-robin period N / R stretched by alpha, computed from the current N at
+       every token (the heap is keyed by last-poll time, so N may change without re-keying).
+       Failures and cancellations come without warning; the floor bounds their detection delay
+       by F, about alpha times the baseline's worst case.
+    2. a predicted finisher whose due time has come. For an execution that reports progress,
+       a least-squares line p = a + b t through its samples, anchored at (tracked_since, 0) when
+       plausible, gives
+           eta = (100 - a) / b,   sd^2 = (s / b)^2 * (1/n + (eta - mean_t)^2 / Sxx)
+       (the inverse prediction of the Hadoop-LATE estimator eta = t2 + (100 - p2)(t2 - t1)/(p2 - p1),
+       smoothed over all samples; s is the residual noise shrunk toward 2 points) and
+           due = eta + eta_margin * sd.
+       After a poll past its eta that still says running ("a miss"), it re-estimates and retries
+       after gap = max(retry_gap_min_s, retry_gap_sd * sd) * retry_growth^(misses - 1).
+       For an execution with no progress (always 0), the empirical durations of completed ones
+       give due = tracked_since + Q(q | age at last poll), the age by which a run still going at
+       that age has ended with probability q (prior_quantile): polls concentrate where the
+       empirical hazard of finishing is high.
+    3. a spare token (nothing floor-overdue, nothing due): the stalest execution (round robin),
+       which also banks floor time for busier moments.
+    Polls at a predicted end replace floor polls rather than add to them, so the floor only costs
+    budget for the executions whose end is far or unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from typing import ClassVar
+
+from monitor.schedule.estimate import DurationPrior, anchor_is_plausible, fit_eta
+from monitor.schedule.state import ExecState, LazyHeap
+
+POLICY_NAMES = ("adaptive", "backoff")
+MIN_PRIOR = 5  # completed durations needed before the prior is trusted
+_EPS = 1e-6
+
+
+class Policy(ABC):
+    """The part of the scheduler that orders polls. Not thread-safe; one per scheduler."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._held = LazyHeap()
+        self._count = 0
+        self._rate: Callable[[], float] = lambda: 0.5
+
+    def bind_rate(self, rate_per_s: Callable[[], float]) -> None:
+        """Where the policy reads the budget's sustained rate (requests per second)."""
+        self._rate = rate_per_s
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    # -- the scheduler's calls ------------------------------------------------------------------
+
+    def add(self, state: ExecState, now: float) -> None:
+        """A newly tracked (or restored) execution."""
+        self._count += 1
+        self._on_add(state, now)
+        self._enqueue(state)
+
+    def remove(self, state: ExecState, now: float) -> None:
+        """Terminal or untracked: its heap entries go stale."""
+        self._count -= 1
+        state.ver += 1
+        self._on_remove(now)
+
+    def _on_remove(self, now: float) -> None:  # noqa: B027  # optional hook
+        """Something left the queue at `now`."""
+
+    def hold(self, state: ExecState, until: float) -> None:
+        """Poll it at `until` ahead of the cadence (error retry, 404 confirmation, a lost poll)."""
+        state.ver += 1
+        state.held_until = until
+        self._held.push(until, state)
+
+    def choose(self, now: float) -> ExecState | None:
+        """The execution to spend a token on now, taken out of the queue; None: nothing worth it."""
+        self._release_held(now)
+        state = self._pick(now)
+        if state is not None:
+            state.ver += 1
+        return state
+
+    def ready_at(self, now: float) -> float:
+        """The earliest time `choose` may return something (inf: not before something changes)."""
+        held = self._held.top()
+        return min(held[0] if held else math.inf, self._ready_at(now))
+
+    def polled(self, state: ExecState, now: float) -> None:
+        """It answered "running" at `now` (samples already recorded): schedule the next poll."""
+        self._on_running(state, now)
+        self._enqueue(state)
+
+    def finished(self, state: ExecState, ended_at: float) -> None:  # noqa: B027  # optional hook
+        """It completed at about `ended_at` (loop time): something to learn from."""
+
+    def _release_held(self, now: float) -> None:
+        while (entry := self._held.top()) is not None and entry[0] <= now:
+            self._held.pop()
+            state = entry[1]
+            state.due = entry[0]
+            self._enqueue(state, urgent=True)
+
+    # -- what each policy defines -------------------------------------------------------------------
+
+    @abstractmethod
+    def _on_add(self, state: ExecState, now: float) -> None: ...
+
+    @abstractmethod
+    def _on_running(self, state: ExecState, now: float) -> None: ...
+
+    @abstractmethod
+    def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
+        """Bump the version and push fresh heap entries for the state's current keys."""
+
+    @abstractmethod
+    def _pick(self, now: float) -> ExecState | None: ...
+
+    @abstractmethod
+    def _ready_at(self, now: float) -> float: ...
+
+
+class BackoffPolicy(Policy):
+    """The vendor page's poll_with_backoff per execution, FIFO by due time behind the shared budget."""
+
+    name = "backoff"
+
+    def __init__(self, initial_s: float = 1.0, factor: float = 1.5, max_s: float = 30.0) -> None:
+        super().__init__()
+        self.initial_s = initial_s
+        self.factor = factor
+        self.max_s = max_s
+        self._due = LazyHeap()
+
+    def _on_add(self, state: ExecState, now: float) -> None:
+        if state.polls == 0 or state.delay <= 0:
+            state.delay = self.initial_s
+            state.due = now  # the page's loop asks at once
+        else:  # restored: carry on where the previous process was
+            state.due = state.last_poll + state.delay
+
+    def _on_running(self, state: ExecState, now: float) -> None:
+        state.due = now + state.delay
+        state.delay = min(state.delay * self.factor, self.max_s)
+
+    def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
+        state.ver += 1
+        self._due.push(state.due, state)
+        self._due.compact(self._count)
+
+    def _pick(self, now: float) -> ExecState | None:
+        top = self._due.top()
+        if top is None or top[0] > now + _EPS:
+            return None
+        self._due.pop()
+        return top[1]
+
+    def _ready_at(self, now: float) -> float:
+        top = self._due.top()
+        return top[0] if top else math.inf
+
+
+class AdaptivePolicy(Policy):
+    """Floor + predicted finishes + spare round robin; see the module docstring for the formulas."""
+
+    name = "adaptive"
+
+    def __init__(
+        self,
+        *,
+        floor_factor: float = 1.1,
+        floor_min_s: float = 2.0,
+        eta_margin: float = 0.5,
+        retry_gap_min_s: float = 2.0,
+        retry_gap_sd: float = 0.5,
+        retry_growth: float = 2.0,
+        prior_quantile: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.floor_factor = floor_factor
+        self.floor_min_s = floor_min_s
+        self.eta_margin = eta_margin
+        self.retry_gap_min_s = retry_gap_min_s
+        self.retry_gap_sd = retry_gap_sd
+        self.retry_growth = retry_growth
+        self.prior_quantile = prior_quantile
+        self._floor = LazyHeap()  # by last poll
+        self._due = LazyHeap()  # by predicted due time
+        self._prior_all = DurationPrior()
+        self._prior_silent = DurationPrior()  # executions that never reported progress
+        self._left: deque[float] = deque()  # when executions left the queue, over the last F
+        self._last_floor = floor_min_s
+
+    def floor_interval(self, now: float) -> float:
+        """F: no execution waits longer than this since its last poll (when the budget keeps up).
+
+        N counts the executions tracked now plus those that left within the last F: a round robin
+        cycle that began before they left still had to visit them, so a shrinking N does not make
+        everybody overdue at once.
+        """
+        left = self._left
+        while left and left[0] <= now - self._last_floor:
+            left.popleft()
+        rate = max(self._rate(), 1e-9)
+        self._last_floor = max(self.floor_min_s, self.floor_factor * (self._count + len(left)) / rate)
+        return self._last_floor
+
+    def _on_remove(self, now: float) -> None:
+        self._left.append(now)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def _on_add(self, state: ExecState, now: float) -> None:
+        self._predict(state, now)
+
+    def _on_running(self, state: ExecState, now: float) -> None:
+        if now >= state.eta:
+            state.misses += 1  # asked at (or after) the predicted end and it is still going
+        self._predict(state, now)
+
+    def _predict(self, state: ExecState, now: float) -> None:
+        pairs = state.sample_pairs()
+        eta = None
+        if any(p > 0 for _, p in pairs):
+            anchor = state.tracked_since if anchor_is_plausible(pairs, state.tracked_since) else None
+            eta = fit_eta(pairs, anchor)
+        if eta is None:
+            state.eta = state.eta_sd = math.inf
+            state.due = self._prior_due(state, now)
+            return
+        state.eta, state.eta_sd = eta.at, eta.sd
+        due = eta.at + self.eta_margin * eta.sd
+        if state.misses:
+            gap = max(self.retry_gap_min_s, self.retry_gap_sd * eta.sd)
+            due = max(due, now + gap * self.retry_growth ** (state.misses - 1))
+        state.due = max(due, now + self.retry_gap_min_s)
+
+    def _prior_due(self, state: ExecState, now: float) -> float:
+        """For an execution without usable progress: when its chance of having ended reaches q."""
+        silent = not state.samples or all(p <= 0 for _, p in state.sample_pairs())
+        prior = self._prior_silent if silent and len(self._prior_silent) >= MIN_PRIOR else self._prior_all
+        if len(prior) < MIN_PRIOR:
+            return math.inf
+        age = state.last_poll - state.tracked_since
+        at_age = prior.conditional_quantile(age, self.prior_quantile)
+        if at_age is None:
+            return math.inf  # older than anything seen: the floor takes care of it
+        return max(state.tracked_since + at_age, now + self.retry_gap_min_s)
+
+    def finished(self, state: ExecState, ended_at: float) -> None:
+        duration = ended_at - state.tracked_since
+        self._prior_all.add(duration)
+        if not state.samples or all(p <= 0 for _, p in state.sample_pairs()):
+            self._prior_silent.add(duration)
+
+    def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
+        state.ver += 1
+        self._floor.push(state.last_poll, state)
+        if state.due < math.inf:
+            self._due.push(state.due, state)
+        self._floor.compact(self._count)
+        self._due.compact(self._count)
+
+    # -- choosing ---------------------------------------------------------------------------------
+
+    def _pick(self, now: float) -> ExecState | None:
+        now += _EPS  # ready_at's sums and these differences may disagree in the last bit
+        stalest = self._floor.top()
+        if stalest is not None and stalest[0] <= now - self.floor_interval(now):
+            self._floor.pop()
+            return stalest[1]
+        due = self._due.top()
+        if due is not None and due[0] <= now:
+            self._due.pop()
+            return due[1]
+        if stalest is not None and stalest[0] <= now - self.floor_min_s:
+            self._floor.pop()
+            return stalest[1]
+        return None
+
+    def _ready_at(self, now: float) -> float:
+        stalest = self._floor.top()
+        due = self._due.top()
+        spare_at = stalest[0] + self.floor_min_s if stalest else math.inf
+        return min(spare_at, due[0] if due else math.inf)
+
+
+def make_policy(name: str) -> Policy:
+    """A policy by its configuration name ("adaptive" or "backoff")."""
+    if name == "adaptive":
+        return AdaptivePolicy()
+    if name == "backoff":
+        return BackoffPolicy()
+    raise ValueError(f"unknown policy {name!r}: expected one of {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,140 @@
+"""Compact per-execution schedule state, and the lazy-deletion heap the policies choose from.
+
+At 100,000 tracked executions memory matters: `ExecState` uses __slots__, keeps progress samples in
+one `array('d')` (bounded, thinned when full) and never keeps whole status records.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from array import array
+
+MAX_SAMPLES = 12  # progress samples kept per execution (pairs of loop time, progress)
+
+
+class ExecState:
+    """Everything the scheduler and its policy know about one tracked execution (loop times)."""
+
+    __slots__ = (
+        "delay",
+        "due",
+        "errors",
+        "eta",
+        "eta_sd",
+        "execution_id",
+        "expires_at",
+        "group",
+        "held_until",
+        "in_flight",
+        "labels",
+        "last_poll",
+        "live",
+        "misses",
+        "nf_count",
+        "nf_first",
+        "polls",
+        "progress",
+        "raw_status",
+        "samples",
+        "tracked_since",
+        "ver",
+    )
+
+    def __init__(
+        self,
+        execution_id: str,
+        tracked_since: float,
+        *,
+        expires_at: float | None = None,
+        group: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.execution_id = execution_id
+        self.tracked_since = tracked_since
+        self.expires_at = expires_at  # deadline (loop time) -> timed_out
+        self.group = group
+        self.labels = labels or None
+        self.polls = 0  # requests made for it (every answer, errors included)
+        self.errors = 0  # consecutive transient errors (for the retry backoff)
+        self.nf_count = 0  # consecutive 404s
+        self.nf_first = 0.0  # loop time of the first of them
+        self.last_poll = tracked_since  # loop time of the last answer that said "running"
+        self.progress: int | None = None
+        self.raw_status: str | None = None
+        self.samples: array[float] | None = None  # flat (t, progress) pairs, oldest first
+        self.in_flight = False
+        self.live = True  # False once terminal or untracked
+        self.held_until = -math.inf  # not to be polled before (error retry, 404 confirmation)
+        self.ver = 0  # bumped whenever its heap entries go stale
+        # Policy fields.
+        self.due = math.inf  # when the policy wants the next poll
+        self.delay = 0.0  # backoff: the next gap
+        self.misses = 0  # adaptive: polls at a predicted end that found it still running
+        self.eta = math.inf  # adaptive: predicted end
+        self.eta_sd = math.inf  # adaptive: its uncertainty (one standard deviation)
+
+    def __repr__(self) -> str:
+        return f"ExecState({self.execution_id!r}, polls={self.polls}, due={self.due:.1f})"
+
+    def add_sample(self, t: float, progress: int) -> None:
+        """Remember a progress sample; when full, drop the one closest in time to its predecessor."""
+        if self.samples is None:
+            self.samples = array("d")
+        samples = self.samples
+        samples.append(t)
+        samples.append(float(progress))
+        count = len(samples) // 2
+        if count > MAX_SAMPLES:
+            # Keep the first and the last; thin where samples are densest.
+            victim = min(range(1, count - 1), key=lambda i: samples[2 * i] - samples[2 * i - 2])
+            del samples[2 * victim : 2 * victim + 2]
+
+    def sample_pairs(self) -> list[tuple[float, float]]:
+        samples = self.samples
+        if samples is None:
+            return []
+        return [(samples[i], samples[i + 1]) for i in range(0, len(samples), 2)]
+
+
+class LazyHeap:
+    """A min-heap of executions by key; an entry is stale once its execution's `ver` has moved on.
+
+    Stale entries are skipped when they reach the top and purged when they outnumber live ones,
+    so every operation is O(log n) amortised.
+    """
+
+    __slots__ = ("_counter", "_heap")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, int, ExecState]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, key: float, state: ExecState) -> None:
+        heapq.heappush(self._heap, (key, next(self._counter), state.ver, state))
+
+    def top(self) -> tuple[float, ExecState] | None:
+        """The smallest live entry, stale entries above it discarded."""
+        heap = self._heap
+        while heap:
+            key, _, ver, state = heap[0]
+            if ver == state.ver and state.live:
+                return key, state
+            heapq.heappop(heap)
+        return None
+
+    def pop(self) -> tuple[float, ExecState] | None:
+        entry = self.top()
+        if entry is not None:
+            heapq.heappop(self._heap)
+        return entry
+
+    def compact(self, live_count: int) -> None:
+        """Drop stale entries when they are more than the live ones (amortised O(1) per push)."""
+        if len(self._heap) > 2 * live_count + 64:
+            self._heap = [e for e in self._heap if e[2] == e[3].ver and e[3].live]
+            heapq.heapify(self._heap)

@@ -1,0 +1,306 @@
+"""The SQLite state file: tracking, terminal + outbox atomicity, crashes, locking, versions, groups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.errors import UsageError
+from monitor.records import Outcome, event_id, group_event_id
+from monitor.state import outbox as outbox_module
+from monitor.state.db import SCHEMA_VERSION
+from monitor.state.store import DeliveryState, StateError, Store, TrackRequest
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def rec(execution_id: str, outcome: Outcome = Outcome.COMPLETED, group: str | None = None) -> dict[str, Any]:
+    return {
+        "event_id": event_id(execution_id, outcome),
+        "kind": "execution",
+        "execution_id": execution_id,
+        "outcome": outcome.value,
+        "finished_at": f"2025-11-11T10:00:{len(execution_id) % 60:02d}Z",
+        "observed_at": "2025-11-11T10:01:00Z",
+        "group": group,
+    }
+
+
+def track(store: Store, *ids: str, group: str | None = None) -> list[str]:
+    return store.track_many(TrackRequest(i, tracked_since=1000.0, group=group) for i in ids)
+
+
+def test_track_many_adds_only_new_ids_and_keeps_the_schedule(store: Store) -> None:
+    assert track(store, "exec_a", "exec_b") == ["exec_a", "exec_b"]
+    store.save_poll("exec_a", {"next_due": 42.0}, {"status": "running", "progress": 5}, 3)
+    again = store.track_many(
+        [
+            TrackRequest("exec_a", tracked_since=2000.0, schedule={"next_due": 1.0}),
+            TrackRequest("exec_c", 2000.0),
+        ]
+    )
+    assert again == ["exec_c"]
+    row = store.get("exec_a")
+    assert row is not None
+    assert row.schedule == {"next_due": 42.0}
+    assert row.last_status == {"status": "running", "progress": 5}
+    assert (row.polls, row.tracked_since, row.terminal) == (3, 1000.0, False)
+    assert [r.execution_id for r in store.load_active()] == ["exec_a", "exec_b", "exec_c"]
+
+
+def test_ten_thousand_ids_are_tracked_in_well_under_a_second(store: Store) -> None:
+    ids = [f"exec_{n:06d}" for n in range(10_000)]
+    started = time.perf_counter()
+    added = store.track_many(TrackRequest(i, tracked_since=1.0, group="big", labels={"n": i}) for i in ids)
+    took = time.perf_counter() - started
+    assert len(added) == 10_000
+    assert took < 0.8, f"track_many(10,000) took {took:.2f} s"
+    assert store.count_executions("active") == 10_000
+
+
+def test_finish_marks_terminal_and_enqueues_per_sink_once(store: Store) -> None:
+    track(store, "exec_a")
+    result = store.finish("exec_a", Outcome.FAILED, rec("exec_a", Outcome.FAILED), ["jsonl", "webhook"])
+    assert (result.newly_terminal, result.enqueued) == (True, 2)
+    row = store.get("exec_a")
+    assert row is not None
+    assert row.outcome is Outcome.FAILED
+    assert row.record is not None
+    assert row.record["outcome"] == "failed"
+    assert store.pending_count() == 2
+    assert [k[1] for k in store.pending_keys("jsonl")] == [event_id("exec_a", Outcome.FAILED)]
+    # Idempotent: a second finish (say, a duplicate poll answer) changes nothing.
+    again = store.finish("exec_a", Outcome.COMPLETED, rec("exec_a"), ["jsonl", "stdout"])
+    assert again.newly_terminal is False
+    assert store.pending_count() == 2
+    assert store.results() == {"exec_a": Outcome.FAILED}
+    assert (
+        store.finish("exec_unknown", Outcome.COMPLETED, rec("exec_unknown"), ["jsonl"]).newly_terminal
+        is False
+    )
+
+
+def test_terminal_state_and_outbox_rows_commit_together(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    track(store, "exec_a")
+
+    def broken_enqueue(*args: object, **kwargs: object) -> int:
+        raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    monkeypatch.setattr("monitor.state.store.enqueue", broken_enqueue)
+    with pytest.raises(StateError):
+        store.finish("exec_a", Outcome.COMPLETED, rec("exec_a"), ["jsonl"])
+    row = store.get("exec_a")
+    assert row is not None
+    assert row.terminal is False, "terminal without its outbox rows would lose the result"
+    monkeypatch.setattr("monitor.state.store.enqueue", outbox_module.enqueue)
+    assert store.finish("exec_a", Outcome.COMPLETED, rec("exec_a"), ["jsonl"]).newly_terminal
+    assert store.pending_count("jsonl") == 1
+
+
+def test_outbox_failures_backoff_dead_letters_and_retry(store: Store) -> None:
+    track(store, "exec_a", "exec_b")
+    store.finish("exec_a", Outcome.COMPLETED, rec("exec_a"), ["hook"])
+    store.finish("exec_b", Outcome.COMPLETED, rec("exec_b"), ["hook"])
+    ev_a, ev_b = event_id("exec_a", Outcome.COMPLETED), event_id("exec_b", Outcome.COMPLETED)
+    assert [r.event_id for r in store.due_deliveries("hook", now=0.0)] == [ev_a, ev_b]
+    assert store.mark_failed(ev_a, "hook", "HTTP 500", next_attempt_at=500.0) == 1
+    assert store.mark_failed(ev_a, "hook", "HTTP 503", next_attempt_at=600.0) == 2
+    assert [r.event_id for r in store.due_deliveries("hook", now=599.0)] == [ev_b]
+    due = store.due_deliveries("hook", now=600.0)
+    assert [r.event_id for r in due] == [ev_b, ev_a]
+    assert (due[1].attempts, due[1].last_error, due[1].record["execution_id"]) == (2, "HTTP 503", "exec_a")
+    assert store.mark_delivered(ev_b, "hook") is True
+    assert store.mark_delivered(ev_b, "hook") is False  # already settled
+    assert store.mark_dead(ev_a, "hook", "HTTP 404 (not retried)") is True
+    dead = store.dead_letters()
+    assert [(d.event_id, d.state, d.attempts, d.last_error) for d in dead] == [
+        (ev_a, DeliveryState.DEAD, 3, "HTTP 404 (not retried)")
+    ]
+    assert (store.pending_count(), store.dead_count()) == (0, 1)
+    assert store.retry_dead(ev_a) == 1
+    row = store.get_delivery(ev_a, "hook")
+    assert row is not None
+    assert (row.state, row.attempts) == (DeliveryState.PENDING, 0)
+    assert store.delivery_counts() == {"hook": {DeliveryState.PENDING: 1, DeliveryState.DELIVERED: 1}}
+    assert [r.sink for r in store.deliveries_for("exec_a")] == ["hook"]
+
+
+def test_group_digest_once_after_the_last_member(store: Store) -> None:
+    store.set_group_sinks(["chat"])
+    track(store, "exec_1", "exec_2", "exec_3", group="nightly")
+    track(store, "exec_other")
+    assert (
+        store.finish("exec_1", Outcome.COMPLETED, rec("exec_1", group="nightly"), ["jsonl"]).group_record
+        is None
+    )
+    assert (
+        store.finish(
+            "exec_2", Outcome.FAILED, rec("exec_2", Outcome.FAILED, "nightly"), ["jsonl"]
+        ).group_record
+        is None
+    )
+    last = store.finish("exec_3", Outcome.CANCELLED, rec("exec_3", Outcome.CANCELLED, "nightly"), ["jsonl"])
+    digest = last.group_record
+    assert digest is not None
+    assert digest["event_id"] == group_event_id("nightly")
+    assert (digest["kind"], digest["group"], digest["total"]) == ("group", "nightly", 3)
+    assert digest["outcomes"] == {"cancelled": 1, "completed": 1, "failed": 1}
+    assert digest["failed_ids"] == ["exec_2", "exec_3"]
+    assert store.pending_keys("chat")[0][1] == group_event_id("nightly")
+    assert store.pending_count("chat") == 1
+    # Finishing the unrelated ID or repeating a member does not produce a second digest.
+    store.finish("exec_3", Outcome.CANCELLED, rec("exec_3", Outcome.CANCELLED, "nightly"), ["jsonl"])
+    store.finish("exec_other", Outcome.COMPLETED, rec("exec_other"), ["jsonl"])
+    assert store.pending_count("chat") == 1
+
+
+def test_untracking_the_last_running_member_completes_the_group(store: Store) -> None:
+    store.set_group_sinks(["chat"])
+    track(store, "exec_1", "exec_2", group="g")
+    store.finish("exec_1", Outcome.COMPLETED, rec("exec_1", group="g"), [])
+    assert store.pending_count("chat") == 0
+    assert store.untrack("exec_2") is True
+    assert store.untrack("exec_2") is False
+    digest = store.get_delivery(group_event_id("g"), "chat")
+    assert digest is not None
+    assert (digest.record["total"], digest.record["failed_ids"]) == (1, [])
+
+
+def test_expected_total_holds_the_digest_for_late_members(store: Store) -> None:
+    store.set_group_sinks(["chat"])
+    store.set_group_expected("batch", 2)
+    track(store, "exec_1", group="batch")
+    store.finish("exec_1", Outcome.COMPLETED, rec("exec_1", group="batch"), [])
+    assert store.pending_count("chat") == 0
+    track(store, "exec_2", group="batch")
+    store.finish("exec_2", Outcome.COMPLETED, rec("exec_2", group="batch"), [])
+    assert store.pending_count("chat") == 1
+
+
+def test_list_filters_results_and_status_filters(store: Store) -> None:
+    track(store, "exec_a", "exec_b", "exec_c")
+    store.finish("exec_b", Outcome.NOT_FOUND, rec("exec_b", Outcome.NOT_FOUND), [])
+    assert [r.execution_id for r in store.list_executions("running")] == ["exec_a", "exec_c"]
+    assert [r.execution_id for r in store.list_executions("not_found")] == ["exec_b"]
+    assert [r.execution_id for r in store.list_executions(None, limit=1, offset=1)] == ["exec_b"]
+    assert store.count_executions("terminal") == 1
+    assert store.results(["exec_a", "exec_b"]) == {"exec_b": Outcome.NOT_FOUND}
+    with pytest.raises(UsageError, match="unknown status filter 'done'"):
+        store.list_executions("done")
+
+
+def test_budget_history(store: Store) -> None:
+    first = store.record_request(100.0)
+    second = store.record_request(101.0)
+    store.complete_request(first, 100.4)
+    assert store.recent_requests(100.0) == [(100.4, True), (101.0, False)]
+    assert store.recent_requests(100.5) == [(101.0, False)]
+    assert second > first
+
+
+def test_history_is_pruned(store: Store) -> None:
+    for n in range(200):
+        store.record_request(float(n * 60))  # one per minute: most are far older than an hour
+    assert len(store.recent_requests(0.0)) < 130
+
+
+def test_second_opener_is_refused_with_the_owner_pid(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with (
+        Store.open(path),
+        pytest.raises(StateError, match=rf"in use by another execmon \(pid {os.getpid()}\)"),
+    ):
+        Store.open(path)
+    with Store.open(path) as again:  # released on close
+        assert again.path == path
+
+
+def test_read_only_open_beside_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store.open(path) as writer:
+        track(writer, "exec_a")
+        with Store.open(path, read_only=True) as reader:
+            assert [r.execution_id for r in reader.load_active()] == ["exec_a"]
+
+
+def test_corrupt_or_foreign_files_are_refused_and_left_untouched(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    content = b"this is not a database, it is a text file that happens to be long enough\n" * 40
+    garbage.write_bytes(content)
+    with pytest.raises(StateError, match="not a usable execmon state file.*move it aside"):
+        Store.open(garbage)
+    assert garbage.read_bytes() == content
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with pytest.raises(StateError, match="not an execmon state file"):
+        Store.open(foreign)
+    with pytest.raises(StateError, match="directory .* does not exist"):
+        Store.open(tmp_path / "missing" / "state.db")
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store.open(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.close()
+    with pytest.raises(StateError, match=r"newer execmon .*upgrade execmon"):
+        Store.open(path)
+
+
+CRASHING_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from monitor.records import Outcome
+    from monitor.state.store import Store, TrackRequest
+    store = Store.open(sys.argv[1])
+    store.track_many(TrackRequest(f"exec_{n}", tracked_since=1.0) for n in range(5))
+    for n in range(3):
+        record = {"event_id": f"ev_{n}", "kind": "execution", "execution_id": f"exec_{n}", "outcome": "completed"}
+        store.finish(f"exec_{n}", Outcome.COMPLETED, record, ["jsonl", "webhook"])
+    store.mark_delivered("ev_0", "jsonl")
+    store.record_request(123.0)
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_killed_process_loses_nothing_and_releases_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            with pytest.raises(StateError, match=f"pid {proc.pid}"):
+                Store.open(path)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+    with Store.open(path) as store:
+        assert store.pending_count("jsonl") == 2
+        assert store.pending_count("webhook") == 3
+        assert [k[1] for k in store.pending_keys("jsonl")] == ["ev_1", "ev_2"]
+        assert [r.execution_id for r in store.load_active()] == ["exec_3", "exec_4"]
+        assert store.recent_requests(0.0) == [(123.0, False)]
