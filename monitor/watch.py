@@ -85,8 +85,7 @@ class Watch:
         self.stats.preload(engine.outcomes(self.ids))
         view = LiveView(self.stats) if self.options.live else None
         with view if view is not None else contextlib.nullcontext():
-            code = await self._wait(view)
-        return code
+            return await self._wait(view)
 
     async def _wait(self, view: LiveView | None) -> int:
         engine = self.engine
@@ -128,10 +127,8 @@ def read_ids(args_ids: Iterable[str], stdin_text: str | None) -> list[str]:
     ids: list[str] = []
     for arg in args_ids:
         if arg == "-":
-            for line in (stdin_text or "").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    ids.append(line)
+            lines = (line.strip() for line in (stdin_text or "").splitlines())
+            ids += [line for line in lines if line and not line.startswith("#")]
         else:
             ids.append(arg)
     return ids

@@ -83,9 +83,7 @@ async def test_the_four_status_shapes(start: Start, http: aiohttp.ClientSession)
     assert isinstance(running["current_step"], str)
     assert ISO_Z.match(running["updated_at"])
     await asyncio.sleep(0.25)
-    bodies = {
-        o: json.loads((await status(http, url, f"exec_{o}"))[2]) for o in ("completed", "failed", "cancelled")
-    }
+    bodies = {o: json.loads((await status(http, url, f"exec_{o}"))[2]) for o in ("completed", "failed", "cancelled")}
     done = bodies["completed"]
     assert set(done) == {"execution_id", "status", "progress", "result", "metadata", "completed_at"}
     assert done["progress"] == 100
@@ -105,9 +103,7 @@ async def test_the_four_status_shapes(start: Start, http: aiohttp.ClientSession)
     assert ISO_Z.match(cancelled["cancelled_at"])
 
 
-async def test_error_bodies_are_the_vendor_page_byte_for_byte(
-    start: Start, http: aiohttp.ClientSession
-) -> None:
+async def test_error_bodies_are_the_vendor_page_byte_for_byte(start: Start, http: aiohttp.ClientSession) -> None:
     _, url = await start()
     code, headers, text = await status(http, url, "exec_nope")
     assert (code, text) == (404, NOT_FOUND_TEXT)
@@ -196,9 +192,7 @@ async def test_error_rate_answers_5xx(start: Start, http: aiohttp.ClientSession)
     assert sim.stats()["responses"]["5xx"] == 30
 
 
-async def test_malformed_rate_answers_200_that_does_not_parse(
-    start: Start, http: aiohttp.ClientSession
-) -> None:
+async def test_malformed_rate_answers_200_that_does_not_parse(start: Start, http: aiohttp.ClientSession) -> None:
     sim, url = await start(malformed_rate=1.0, rate_limit=None)
     [eid] = sim.create(count=1)
     for _ in range(30):
@@ -275,9 +269,7 @@ async def test_latency_delays_every_answer(start: Start, http: aiohttp.ClientSes
 
 async def test_speed_divides_every_duration(start: Start, http: aiohttp.ClientSession) -> None:
     sim, url = await start(speed=20.0)
-    code, body = await sim_json(
-        http, "POST", f"{url}/_sim/executions", {"ids": ["exec_fast"], "duration_s": 2}
-    )
+    code, body = await sim_json(http, "POST", f"{url}/_sim/executions", {"ids": ["exec_fast"], "duration_s": 2})
     assert code == 200
     assert body == {"execution_ids": ["exec_fast"]}
     [default] = sim.create(count=1)  # default duration 60 s -> 3 s
@@ -333,9 +325,7 @@ async def test_create_rejects_invalid_json(start: Start, http: aiohttp.ClientSes
         assert (await r.json())["error"]["message"] == "the body is not valid JSON"
 
 
-async def test_sim_endpoints_need_no_key_and_are_not_counted(
-    start: Start, http: aiohttp.ClientSession
-) -> None:
+async def test_sim_endpoints_need_no_key_and_are_not_counted(start: Start, http: aiohttp.ClientSession) -> None:
     _sim, url = await start(rate_limit=RateLimit(1, 60.0))
     code, created = await sim_json(http, "POST", f"{url}/_sim/executions", {"count": 3, "outcome": "failed"})
     assert code == 200
@@ -381,9 +371,7 @@ async def test_ground_truth_lists_status_end_and_polls(start: Start, http: aioht
     assert sim.stats()["executions"] == {"running": 1, "completed": 0, "failed": 1, "cancelled": 0}
 
 
-async def test_scenario_plan_honours_arrivals_and_not_found(
-    start: Start, http: aiohttp.ClientSession
-) -> None:
+async def test_scenario_plan_honours_arrivals_and_not_found(start: Start, http: aiohttp.ClientSession) -> None:
     scenario = parse_scenario(
         {
             "seed": 1,

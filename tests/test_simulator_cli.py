@@ -114,9 +114,7 @@ def test_keys_from_the_environment_and_initial_executions(simulate: Any) -> None
 
 
 def test_api_key_flags_win_over_the_environment(simulate: Any) -> None:
-    sim = simulate(
-        "--api-key", "sk_flag_one", "--api-key", "sk_flag_two", env={"EXECMON_SIM_API_KEYS": "sk_env"}
-    )
+    sim = simulate("--api-key", "sk_flag_one", "--api-key", "sk_flag_two", env={"EXECMON_SIM_API_KEYS": "sk_env"})
     assert sim.get("/api/v1/executions/exec_x/status", "sk_flag_two")[0] == 404
     assert sim.get("/api/v1/executions/exec_x/status", "sk_env")[0] == 401
 

@@ -15,9 +15,7 @@ from monitor.simulator.scenario import ProgressModel
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
 
 
-def execution(
-    model: str, noise: float = 0.0, outcome: str = "completed", end_s: float = 100.0
-) -> SimExecution:
+def execution(model: str, noise: float = 0.0, outcome: str = "completed", end_s: float = 100.0) -> SimExecution:
     return SimExecution.create(
         execution_id="exec_1",
         created_at=1000.0,

@@ -58,9 +58,7 @@ def test_no_limit_counts_over_sixty_seconds() -> None:
     st.integers(min_value=1, max_value=10),
     st.sampled_from([0.5, 1.0, 3.0, 10.0]),
 )
-def test_max_in_window_and_admissions_match_brute_force(
-    times: list[float], limit: int, window: float
-) -> None:
+def test_max_in_window_and_admissions_match_brute_force(times: list[float], limit: int, window: float) -> None:
     times.sort()
     windows = SlidingWindows(RateLimit(limit, window))
     admitted = [windows.admit("k", t).allowed for t in times]

@@ -165,7 +165,11 @@ class ExecutionsClient:
         # Created lazily so that the client can be built outside a running loop.
         if self._session is None or (self._owns_session and self._session.closed):
             connector = aiohttp.TCPConnector(limit=self._max_connections)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            # aiohttp silently re-sends an idempotent request once when a kept-alive connection drops;
+            # every request costs budget at the server, so the budget must see each one: no hidden retry.
+            session._retry_connection = False  # noqa: SLF001 - no public switch exists (aiohttp 3.14)
+            self._session = session
         return self._session
 
     async def get_status(self, execution_id: str) -> StatusRecord:

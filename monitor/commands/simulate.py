@@ -49,17 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executions", type=int, default=0, metavar="N", help="create N executions at start")
     parser.add_argument("--speed", type=float, default=1.0, metavar="X", help="run executions X times faster")
     parser.add_argument("--seed", type=int, default=0, help="seed for created executions and faults")
-    parser.add_argument("--scenario", metavar="FILE", help="create the executions of a scenario file (TOML)")
+    parser.add_argument(
+        "--scenario",
+        metavar="FILE",
+        help="create a scenario's executions, each at its arrival time (divided by --speed) from the start",
+    )
     parser.add_argument("--error-rate", type=float, default=0.0, metavar="F", help="fraction answered 5xx")
-    parser.add_argument(
-        "--malformed-rate", type=float, default=0.0, metavar="F", help="fraction with a bad body"
-    )
-    parser.add_argument(
-        "--drop-rate", type=float, default=0.0, metavar="F", help="fraction dropped unanswered"
-    )
-    parser.add_argument(
-        "--latency-ms", type=float, default=0.0, metavar="MS", help="delay before every answer"
-    )
+    parser.add_argument("--malformed-rate", type=float, default=0.0, metavar="F", help="fraction with a bad body")
+    parser.add_argument("--drop-rate", type=float, default=0.0, metavar="F", help="fraction dropped unanswered")
+    parser.add_argument("--latency-ms", type=float, default=0.0, metavar="MS", help="delay before every answer")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
 
 
@@ -111,9 +109,7 @@ def rate_limit(text: str | None, scenario: Scenario | None) -> RateLimit | None:
         raise UsageError(f"--rate-limit: {exc}, or 'none'") from None
 
 
-async def serve(
-    settings: SimulatorSettings, host: str, port: int, scenario: Scenario | None, executions: int
-) -> int:
+async def serve(settings: SimulatorSettings, host: str, port: int, scenario: Scenario | None, executions: int) -> int:
     try:
         runner, url = await start_simulator(settings, host, port)
     except OSError as exc:

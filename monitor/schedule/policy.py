@@ -40,6 +40,7 @@ adaptive (the default)
 
 from __future__ import annotations
 
+import bisect
 import math
 from abc import ABC, abstractmethod
 from collections import deque
@@ -52,6 +53,8 @@ from monitor.schedule.state import ExecState, LazyHeap
 POLICY_NAMES = ("adaptive", "backoff")
 MIN_PRIOR = 5  # completed durations needed before the prior is trusted
 _EPS = 1e-6
+_FLOOR_ITERATIONS = 8
+_MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are deferred
 
 
 class Policy(ABC):
@@ -206,26 +209,33 @@ class AdaptivePolicy(Policy):
         self.retry_gap_sd = retry_gap_sd
         self.retry_growth = retry_growth
         self.prior_quantile = prior_quantile
-        self._floor = LazyHeap()  # by last poll
+        self._floor = LazyHeap()  # by last poll: the guarantee
         self._due = LazyHeap()  # by predicted due time
+        self._spare = LazyHeap()  # round robin for spare tokens: by last poll, or by due when deferred
         self._prior_all = DurationPrior()
         self._prior_silent = DurationPrior()  # executions that never reported progress
         self._left: deque[float] = deque()  # when executions left the queue, over the last F
-        self._last_floor = floor_min_s
 
     def floor_interval(self, now: float) -> float:
         """F: no execution waits longer than this since its last poll (when the budget keeps up).
 
-        N counts the executions tracked now plus those that left within the last F: a round robin
-        cycle that began before they left still had to visit them, so a shrinking N does not make
-        everybody overdue at once.
+        F = alpha * (N + L) / R where L counts the executions that left within the last F: a round
+        robin cycle that began before they left had to visit them too, so a shrinking N does not
+        make everybody overdue at once. F is the largest fixed point, found from above.
         """
-        left = self._left
-        while left and left[0] <= now - self._last_floor:
-            left.popleft()
         rate = max(self._rate(), 1e-9)
-        self._last_floor = max(self.floor_min_s, self.floor_factor * (self._count + len(left)) / rate)
-        return self._last_floor
+        left = self._left
+        scale = self.floor_factor / rate
+        floor = max(self.floor_min_s, scale * (self._count + len(left)))
+        while left and left[0] <= now - floor:
+            left.popleft()  # older than any fixed point can reach
+        for _ in range(_FLOOR_ITERATIONS):
+            recent = len(left) - bisect.bisect_right(left, now - floor)
+            smaller = max(self.floor_min_s, scale * (self._count + recent))
+            if smaller >= floor - 1e-9:
+                break
+            floor = smaller
+        return floor
 
     def _on_remove(self, now: float) -> None:
         self._left.append(now)
@@ -278,32 +288,46 @@ class AdaptivePolicy(Policy):
     def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
         state.ver += 1
         self._floor.push(state.last_poll, state)
+        self._spare.push(state.last_poll, state)
         if state.due < math.inf:
             self._due.push(state.due, state)
-        self._floor.compact(self._count)
-        self._due.compact(self._count)
+        for heap in (self._floor, self._spare, self._due):
+            heap.compact(self._count)
 
     # -- choosing ---------------------------------------------------------------------------------
 
     def _pick(self, now: float) -> ExecState | None:
         now += _EPS  # ready_at's sums and these differences may disagree in the last bit
+        floor = self.floor_interval(now)
         stalest = self._floor.top()
-        if stalest is not None and stalest[0] <= now - self.floor_interval(now):
+        if stalest is not None and stalest[0] <= now - floor:
             self._floor.pop()
             return stalest[1]
         due = self._due.top()
         if due is not None and due[0] <= now:
             self._due.pop()
             return due[1]
-        if stalest is not None and stalest[0] <= now - self.floor_min_s:
-            self._floor.pop()
-            return stalest[1]
+        return self._pick_spare(now, floor)
+
+    def _pick_spare(self, now: float, floor: float) -> ExecState | None:
+        """Round robin, except that an execution due before its floor deadline is deferred to its
+        due time: its predicted poll will come anyway, so the token serves someone else."""
+        for _ in range(_MAX_DEFERRALS):
+            entry = self._spare.top()
+            if entry is None or entry[0] > now - self.floor_min_s:
+                return None
+            state = entry[1]
+            self._spare.pop()
+            if now < state.due <= state.last_poll + floor and entry[0] < state.due:
+                self._spare.push(state.due, state)  # same version: still a live entry
+                continue
+            return state
         return None
 
     def _ready_at(self, now: float) -> float:
-        stalest = self._floor.top()
+        spare = self._spare.top()
         due = self._due.top()
-        spare_at = stalest[0] + self.floor_min_s if stalest else math.inf
+        spare_at = spare[0] + self.floor_min_s if spare else math.inf
         return min(spare_at, due[0] if due else math.inf)
 
 

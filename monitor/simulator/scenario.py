@@ -289,9 +289,7 @@ class _Fields:
     def only(self, *allowed: str) -> None:
         for name in self.data:
             if name not in allowed:
-                raise ScenarioError(
-                    f"{self.source}: {self.key(name)}: unknown key (allowed: {', '.join(allowed)})"
-                )
+                raise ScenarioError(f"{self.source}: {self.key(name)}: unknown key (allowed: {', '.join(allowed)})")
 
     def string(self, name: str, *, default: str) -> str:
         value = self.data.get(name, default)

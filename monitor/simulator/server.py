@@ -333,9 +333,7 @@ def _validate_create(count: int | None, ids: list[str] | None, duration_s: float
         for execution_id in ids:
             if not isinstance(execution_id, str) or not is_valid_execution_id(execution_id):
                 shown = repr(execution_id)[:40]
-                raise SimulatorRequestError(
-                    f"invalid execution ID {shown}: allowed are letters, digits, _ and -"
-                )
+                raise SimulatorRequestError(f"invalid execution ID {shown}: allowed are letters, digits, _ and -")
         if len(set(ids)) != len(ids):
             raise SimulatorRequestError("'ids' lists an ID more than once")
         return len(ids)
