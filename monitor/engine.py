@@ -140,7 +140,7 @@ class Engine:
         return Scheduler(
             client,
             budget,
-            make_policy(polling),
+            make_policy(polling.policy),
             self._require_clock(),
             max_in_flight=polling.max_in_flight,
             not_found_confirmations=polling.not_found_confirmations,

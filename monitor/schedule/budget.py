@@ -193,13 +193,9 @@ class Budget:
         pause = self.rate.window_s / 2 if retry_after_s is None else retry_after_s
         pause = min(max(pause, 0.0), self._throttle_cap_s)
         self._paused_until = max(self._paused_until, now + pause)
-        self._slowed_until = max(
-            self._slowed_until, self._paused_until + self._slow_windows * self.rate.window_s
-        )
+        self._slowed_until = max(self._slowed_until, self._paused_until + self._slow_windows * self.rate.window_s)
         self.throttles += 1
-        log.warning(
-            "api key throttled", pause_s=round(pause, 3), slowed_for_s=self._slow_windows * self.rate.window_s
-        )
+        log.warning("api key throttled", pause_s=round(pause, 3), slowed_for_s=self._slow_windows * self.rate.window_s)
         self._notify()
 
     def block(self) -> None:

@@ -3,8 +3,11 @@
 - `fit_eta`: a least-squares line through the progress samples, anchored at (tracked_since, 0),
   solved for progress = 100, with the standard error of that inverse prediction.
 - `DurationPrior`: the empirical distribution of durations seen so far, for executions that report
-  no progress, queried as "given it is still running at age a, by which age has it ended with
-  probability q?".
+  no progress.
+- `gaussian_crossing` / `DurationPrior.crossing`: when the expected staleness of an execution last
+  seen running at L, U(t) = E[(t - E)^+ | E > L] (how late we would be, on average, if we asked
+  at t), reaches a threshold theta. Polling each execution when U crosses one shared theta is the
+  optimal use of a fixed number of polls (Olston and Pandey, WWW 2008).
 """
 
 from __future__ import annotations
@@ -60,6 +63,25 @@ def fit_eta(samples: Sequence[tuple[float, float]], anchor: float | None) -> Eta
     return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope)
 
 
+def fit_eta_origin(samples: Sequence[tuple[float, float]], origin: float) -> Eta | None:
+    """Least squares through (origin, 0): p = b (t - origin); eta = origin + 100 / b.
+
+    One parameter instead of two: much sharper when the run really started at `origin`
+    (the monitor saw it start). sd(eta) = 100 s / (b^2 sqrt(sum x^2)).
+    """
+    sxx = sum((t - origin) ** 2 for t, _ in samples)
+    if sxx <= 1e-9:
+        return None
+    slope = sum((t - origin) * p for t, p in samples) / sxx
+    if slope <= 1e-12:
+        return None
+    n = len(samples)
+    sse = sum((p - slope * (t - origin)) ** 2 for t, p in samples)
+    noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT)
+    noise = max(math.sqrt(noise_sq), MIN_NOISE)
+    return Eta(at=origin + 100.0 / slope, sd=100.0 * noise / (slope**2 * math.sqrt(sxx)), slope=slope)
+
+
 def anchor_is_plausible(samples: Sequence[tuple[float, float]], tracked_since: float) -> bool:
     """False when the samples show the execution started well before it was tracked.
 
@@ -74,6 +96,45 @@ def anchor_is_plausible(samples: Sequence[tuple[float, float]], tracked_since: f
     span = samples[-1][0] - tracked_since
     zero_at = free.at - 100.0 / free.slope  # where the free line says progress was 0
     return zero_at >= tracked_since - 0.2 * span - 30.0
+
+
+def _cdf(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def _pdf(z: float) -> float:
+    return math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def gaussian_overshoot(t: float, mu: float, sd: float, lower: float) -> float:
+    """E[(t - E)^+ | E > lower] for an end time E ~ N(mu, sd^2) known to be after `lower`."""
+    if t <= lower:
+        return 0.0
+    a = (lower - mu) / sd
+    b = (t - mu) / sd
+    tail = 1.0 - _cdf(a)
+    if tail < 1e-9:
+        return t - lower  # far past anything the model expected: it may end any moment
+    inside = (t - mu) * (_cdf(b) - _cdf(a)) + sd * (_pdf(b) - _pdf(a))
+    return max(inside / tail, 0.0)
+
+
+def gaussian_crossing(theta: float, mu: float, sd: float, lower: float) -> float:
+    """The earliest t > lower with gaussian_overshoot(t) >= theta (bisection to ~0.1 s or 0.5%)."""
+    low = lower
+    step = max(sd, theta, 1.0)
+    high = max(lower, mu) + step
+    while gaussian_overshoot(high, mu, sd, lower) < theta:
+        low, high = high, high + step
+        step *= 2.0
+    tolerance = max(0.1, 0.005 * sd)
+    while high - low > tolerance:
+        middle = (low + high) / 2.0
+        if gaussian_overshoot(middle, mu, sd, lower) >= theta:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 class DurationPrior:
@@ -103,6 +164,26 @@ class DurationPrior:
             return None
         index = first_longer + max(math.ceil(q * remaining) - 1, 0)
         return durations[index]
+
+    def crossing(self, theta: float, age_s: float) -> float | None:
+        """The age x at which E[(x - D)^+ | D > age_s] reaches theta, over the seen durations D.
+
+        Between two seen durations U(x) = (count * x - sum) / S is linear; walk up from age_s.
+        None when no seen duration is longer than age_s.
+        """
+        durations = self._durations
+        index = bisect.bisect_right(durations, age_s)
+        survivors = len(durations) - index
+        if survivors <= 0:
+            return None
+        total = 0.0
+        for count, position in enumerate(range(index, len(durations)), start=1):
+            total += durations[position]
+            upper = durations[position + 1] if position + 1 < len(durations) else math.inf
+            x = (theta * survivors + total) / count
+            if x <= upper:
+                return max(x, durations[position])
+        return None  # not reached: cannot happen, the last segment is unbounded
 
     def survival(self, age_s: float) -> float:
         """Fraction of seen durations longer than age_s (1.0 with no data)."""

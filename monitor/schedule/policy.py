@@ -47,12 +47,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import ClassVar
 
-from monitor.schedule.estimate import DurationPrior, anchor_is_plausible, fit_eta
+from monitor.schedule.estimate import (
+    DurationPrior,
+    anchor_is_plausible,
+    fit_eta,
+    fit_eta_origin,
+    gaussian_crossing,
+)
 from monitor.schedule.state import ExecState, LazyHeap
 
 POLICY_NAMES = ("adaptive", "backoff")
 MIN_PRIOR = 5  # completed durations needed before the prior is trusted
 _EPS = 1e-6
+_MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
 _FLOOR_ITERATIONS = 8
 _MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are deferred
 
@@ -195,20 +202,17 @@ class AdaptivePolicy(Policy):
         *,
         floor_factor: float = 1.1,
         floor_min_s: float = 2.0,
-        eta_margin: float = 0.5,
+        threshold_ratio: float = 0.01,
         retry_gap_min_s: float = 2.0,
-        retry_gap_sd: float = 0.5,
-        retry_growth: float = 2.0,
-        prior_quantile: float = 0.3,
+        retry_growth: float = 1.5,
     ) -> None:
         super().__init__()
         self.floor_factor = floor_factor
         self.floor_min_s = floor_min_s
-        self.eta_margin = eta_margin
+        self.threshold_ratio = threshold_ratio
         self.retry_gap_min_s = retry_gap_min_s
-        self.retry_gap_sd = retry_gap_sd
         self.retry_growth = retry_growth
-        self.prior_quantile = prior_quantile
+        self._cycle = floor_min_s  # the last round-robin period (N + L) / R seen
         self._floor = LazyHeap()  # by last poll: the guarantee
         self._due = LazyHeap()  # by predicted due time
         self._spare = LazyHeap()  # round robin for spare tokens: by last poll, or by due when deferred
@@ -235,6 +239,7 @@ class AdaptivePolicy(Policy):
             if smaller >= floor - 1e-9:
                 break
             floor = smaller
+        self._cycle = floor / self.floor_factor
         return floor
 
     def _on_remove(self, now: float) -> None:
@@ -246,38 +251,44 @@ class AdaptivePolicy(Policy):
         self._predict(state, now)
 
     def _on_running(self, state: ExecState, now: float) -> None:
-        if now >= state.eta:
-            state.misses += 1  # asked at (or after) the predicted end and it is still going
+        if now >= state.due - _EPS:
+            state.misses += 1  # asked when the policy expected news, and it is still going
         self._predict(state, now)
 
+    def threshold(self) -> float:
+        """theta: the expected staleness at which a poll is worth a token (kappa times the cycle)."""
+        return self.threshold_ratio * self._cycle
+
     def _predict(self, state: ExecState, now: float) -> None:
-        pairs = state.sample_pairs()
+        """Set eta, eta_sd and due: when the expected staleness U(t) crosses theta."""
+        # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
+        pairs = [(t, p) for t, p in state.sample_pairs() if 0 < p < 99]
         eta = None
-        if any(p > 0 for _, p in pairs):
-            anchor = state.tracked_since if anchor_is_plausible(pairs, state.tracked_since) else None
-            eta = fit_eta(pairs, anchor)
+        if pairs:
+            if anchor_is_plausible(pairs, state.tracked_since):
+                eta = fit_eta_origin(pairs, state.tracked_since)
+            else:
+                eta = fit_eta(pairs, None)
+        last = state.last_poll
         if eta is None:
             state.eta = state.eta_sd = math.inf
-            state.due = self._prior_due(state, now)
-            return
-        state.eta, state.eta_sd = eta.at, eta.sd
-        due = eta.at + self.eta_margin * eta.sd
-        if state.misses:
-            gap = max(self.retry_gap_min_s, self.retry_gap_sd * eta.sd)
-            due = max(due, now + gap * self.retry_growth ** (state.misses - 1))
-        state.due = max(due, now + self.retry_gap_min_s)
+            due = self._prior_due(state)
+        else:
+            state.eta, state.eta_sd = eta.at, eta.sd
+            due = gaussian_crossing(self.threshold(), eta.at, max(eta.sd, _MIN_SD), last)
+        gap = self.retry_gap_min_s * self.retry_growth**state.misses
+        state.due = max(due, now + gap)
 
-    def _prior_due(self, state: ExecState, now: float) -> float:
-        """For an execution without usable progress: when its chance of having ended reaches q."""
+    def _prior_due(self, state: ExecState) -> float:
+        """For an execution without usable progress: the crossing over the durations seen so far."""
         silent = not state.samples or all(p <= 0 for _, p in state.sample_pairs())
         prior = self._prior_silent if silent and len(self._prior_silent) >= MIN_PRIOR else self._prior_all
         if len(prior) < MIN_PRIOR:
             return math.inf
-        age = state.last_poll - state.tracked_since
-        at_age = prior.conditional_quantile(age, self.prior_quantile)
+        at_age = prior.crossing(self.threshold(), state.last_poll - state.tracked_since)
         if at_age is None:
             return math.inf  # older than anything seen: the floor takes care of it
-        return max(state.tracked_since + at_age, now + self.retry_gap_min_s)
+        return state.tracked_since + at_age
 
     def finished(self, state: ExecState, ended_at: float) -> None:
         duration = ended_at - state.tracked_since

@@ -427,9 +427,7 @@ class Scheduler:
             await self._listener.on_terminal(event)
         except Exception:
             # The result is not safe yet: keep the execution and ask again later.
-            log.exception(
-                "listener failed on a terminal result; will poll again", execution_id=state.execution_id
-            )
+            log.exception("listener failed on a terminal result; will poll again", execution_id=state.execution_id)
             if self._states.get(state.execution_id) is state:
                 state.live = True
                 self._policy.add(state, now)
