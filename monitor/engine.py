@@ -126,7 +126,7 @@ class Engine:
     def _new_budget(self, config: Config) -> Budget:
         store, clock = self._require_store(), self._require_clock()
         window = config.api.rate_limit.window_s
-        history = [clock.to_loop(stamp) for stamp in store.recent_requests(clock.wall() - window)]
+        history = [clock.to_loop(stamp) for stamp, _done in store.recent_requests(clock.wall() - window)]
         return Budget(
             config.api.rate_limit,
             clock,
@@ -160,9 +160,7 @@ class Engine:
                 deadline_s=deadline_s,
                 group=row.group,
                 labels=row.labels,
-                restored=row.schedule,
-                tracked_since=row.tracked_since,
-                polls=row.polls,
+                restored=row.schedule or {"tracked_since": row.tracked_since, "polls": row.polls},
             )
             count += 1
         if count:

@@ -423,6 +423,8 @@ class WebhookReceiver:
             assert self._stopping is not None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.hang_s)
+            if self._stopping.is_set():
+                return web.Response(status=503)  # the receiver is going away: this post was never answered
         status = 500 if post.number <= self.fail_first else 200
         with self._lock:
             post.status = status

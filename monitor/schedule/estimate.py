@@ -28,6 +28,7 @@ class Eta:
     at: float  # predicted loop time at which progress reaches 100
     sd: float  # one standard deviation of that prediction (seconds)
     slope: float  # progress points per second
+    noise: float = PRIOR_NOISE  # estimated noise on one progress answer (points)
 
 
 def fit_eta(samples: Sequence[tuple[float, float]], anchor: float | None) -> Eta | None:
@@ -60,7 +61,7 @@ def fit_eta(samples: Sequence[tuple[float, float]], anchor: float | None) -> Eta
     noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (dof + PRIOR_NOISE_WEIGHT)
     noise = max(math.sqrt(noise_sq), MIN_NOISE)
     var = (noise / slope) ** 2 * (1.0 / n + (eta_rel - mean_t) ** 2 / sxx)
-    return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope)
+    return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope, noise=noise)
 
 
 def fit_eta_origin(samples: Sequence[tuple[float, float]], origin: float) -> Eta | None:
@@ -79,7 +80,8 @@ def fit_eta_origin(samples: Sequence[tuple[float, float]], origin: float) -> Eta
     sse = sum((p - slope * (t - origin)) ** 2 for t, p in samples)
     noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT)
     noise = max(math.sqrt(noise_sq), MIN_NOISE)
-    return Eta(at=origin + 100.0 / slope, sd=100.0 * noise / (slope**2 * math.sqrt(sxx)), slope=slope)
+    sd = 100.0 * noise / (slope**2 * math.sqrt(sxx))
+    return Eta(at=origin + 100.0 / slope, sd=sd, slope=slope, noise=noise)
 
 
 def anchor_is_plausible(samples: Sequence[tuple[float, float]], tracked_since: float) -> bool:

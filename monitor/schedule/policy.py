@@ -48,16 +48,16 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from monitor.schedule.estimate import (
-    DurationPrior,
+    Eta,
     anchor_is_plausible,
     fit_eta,
     fit_eta_origin,
     gaussian_crossing,
 )
+from monitor.schedule.hazard import AgeHazard
 from monitor.schedule.state import ExecState, LazyHeap
 
 POLICY_NAMES = ("adaptive", "backoff")
-MIN_PRIOR = 5  # completed durations needed before the prior is trusted
 _EPS = 1e-6
 _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
 _FLOOR_ITERATIONS = 8
@@ -205,6 +205,8 @@ class AdaptivePolicy(Policy):
         threshold_ratio: float = 0.01,
         retry_gap_min_s: float = 2.0,
         retry_growth: float = 1.5,
+        refresh_z: float = 2.5,
+        refresh_value: float = 0.5,
     ) -> None:
         super().__init__()
         self.floor_factor = floor_factor
@@ -212,12 +214,14 @@ class AdaptivePolicy(Policy):
         self.threshold_ratio = threshold_ratio
         self.retry_gap_min_s = retry_gap_min_s
         self.retry_growth = retry_growth
+        self.refresh_z = refresh_z
+        self.refresh_value = refresh_value
         self._cycle = floor_min_s  # the last round-robin period (N + L) / R seen
         self._floor = LazyHeap()  # by last poll: the guarantee
         self._due = LazyHeap()  # by predicted due time
         self._spare = LazyHeap()  # round robin for spare tokens: by last poll, or by due when deferred
-        self._prior_all = DurationPrior()
-        self._prior_silent = DurationPrior()  # executions that never reported progress
+        self._hazard_all = AgeHazard()
+        self._hazard_silent = AgeHazard()  # executions that never reported progress
         self._left: deque[float] = deque()  # when executions left the queue, over the last F
 
     def floor_interval(self, now: float) -> float:
@@ -251,8 +255,9 @@ class AdaptivePolicy(Policy):
         self._predict(state, now)
 
     def _on_running(self, state: ExecState, now: float) -> None:
-        if now >= state.due - _EPS:
-            state.misses += 1  # asked when the policy expected news, and it is still going
+        self._expose(state, now)
+        if now >= state.eta - state.eta_sd:
+            state.misses += 1  # asked where its end was expected, and it is still going
         self._predict(state, now)
 
     def threshold(self) -> float:
@@ -276,25 +281,44 @@ class AdaptivePolicy(Policy):
         else:
             state.eta, state.eta_sd = eta.at, eta.sd
             due = gaussian_crossing(self.threshold(), eta.at, max(eta.sd, _MIN_SD), last)
+            due = min(due, self._refresh_at(state, eta, now))
         gap = self.retry_gap_min_s * self.retry_growth**state.misses
         state.due = max(due, now + gap)
 
-    def _prior_due(self, state: ExecState) -> float:
-        """For an execution without usable progress: the crossing over the durations seen so far."""
-        silent = not state.samples or all(p <= 0 for _, p in state.sample_pairs())
-        prior = self._prior_silent if silent and len(self._prior_silent) >= MIN_PRIOR else self._prior_all
-        if len(prior) < MIN_PRIOR:
+    def _refresh_at(self, state: ExecState, eta: Eta, now: float) -> float:
+        """A sample taken refresh_z sd before the end sharpens the prediction; worth a token when
+        the delay it saves, refresh_value * (sd - sd_after), exceeds theta (inf: not worth it)."""
+        at = eta.at - self.refresh_z * eta.sd
+        progress_then = 100.0 * (at - state.tracked_since) / max(eta.at - state.tracked_since, 1e-9)
+        if at <= now or progress_then <= 1.0:
             return math.inf
-        at_age = prior.crossing(self.threshold(), state.last_poll - state.tracked_since)
-        if at_age is None:
-            return math.inf  # older than anything seen: the floor takes care of it
-        return state.tracked_since + at_age
+        sample_sd = (eta.at - state.tracked_since) * eta.noise / progress_then
+        sd_after = 1.0 / math.sqrt(1.0 / eta.sd**2 + 1.0 / sample_sd**2)
+        return at if self.refresh_value * (eta.sd - sd_after) > self.threshold() else math.inf
+
+    def _prior_due(self, state: ExecState) -> float:
+        """Without usable progress: when the expected staleness crosses theta, by age alone."""
+        hazard = self._hazard_silent if _silent(state) and self._hazard_silent.ready else self._hazard_all
+        if not hazard.ready:
+            return math.inf
+        return state.tracked_since + hazard.crossing(self.threshold(), state.last_poll - state.tracked_since)
+
+    def _expose(self, state: ExecState, until: float) -> None:
+        """Record that it was running from the last recorded moment up to `until` (loop time)."""
+        start = state.exposed_to - state.tracked_since
+        end = until - state.tracked_since
+        if end > start:
+            self._hazard_all.expose(start, end)
+            if _silent(state):
+                self._hazard_silent.expose(start, end)
+            state.exposed_to = until
 
     def finished(self, state: ExecState, ended_at: float) -> None:
-        duration = ended_at - state.tracked_since
-        self._prior_all.add(duration)
-        if not state.samples or all(p <= 0 for _, p in state.sample_pairs()):
-            self._prior_silent.add(duration)
+        self._expose(state, ended_at)
+        age = ended_at - state.tracked_since
+        self._hazard_all.event(age)
+        if _silent(state):
+            self._hazard_silent.event(age)
 
     def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
         state.ver += 1
@@ -340,6 +364,12 @@ class AdaptivePolicy(Policy):
         due = self._due.top()
         spare_at = spare[0] + self.floor_min_s if spare else math.inf
         return min(spare_at, due[0] if due else math.inf)
+
+
+def _silent(state: ExecState) -> bool:
+    """No sample has shown progress above 0 (yet)."""
+    samples = state.samples
+    return samples is None or all(samples[i] <= 0 for i in range(1, len(samples), 2))
 
 
 def make_policy(name: str) -> Policy:

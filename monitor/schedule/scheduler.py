@@ -411,7 +411,7 @@ class Scheduler:
         now = self._clock.now()
         state.live = False
         self._policy.remove(state, now)
-        if outcome is Outcome.COMPLETED:
+        if status is not None and status.status.terminal:
             self._policy.finished(state, self._ended_at(state, status, now))
         event = TerminalEvent(
             execution_id=state.execution_id,

@@ -25,6 +25,7 @@ class ExecState:
         "eta_sd",
         "execution_id",
         "expires_at",
+        "exposed_to",
         "group",
         "held_until",
         "in_flight",
@@ -61,6 +62,7 @@ class ExecState:
         self.nf_count = 0  # consecutive 404s
         self.nf_first = 0.0  # loop time of the first of them
         self.last_poll = tracked_since  # loop time of the last answer that said "running"
+        self.exposed_to = tracked_since  # adaptive: running time already counted in the hazard
         self.progress: int | None = None
         self.raw_status: str | None = None
         self.samples: array[float] | None = None  # flat (t, progress) pairs, oldest first
