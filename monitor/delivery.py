@@ -240,9 +240,7 @@ class Delivery:
             try:
                 await self._attempt(lane, row)
             except UsageError as exc:  # the store could not record the outcome: retry the row later
-                log.error(
-                    "delivery bookkeeping failed", sink=lane.name, event_id=row.event_id, error=str(exc)
-                )
+                log.error("delivery bookkeeping failed", sink=lane.name, event_id=row.event_id, error=str(exc))
                 self._retry_later(lane, row, _STORE_ERROR_PAUSE_S)
             finally:
                 lane.queue.task_done()

@@ -25,7 +25,7 @@ from monitor.api.models import StatusRecord
 from monitor.clock import Clock
 from monitor.config import Config, SinkConfig
 from monitor.delivery import Delivery
-from monitor.records import Outcome, TerminalEvent, build_result_record
+from monitor.records import Outcome, TerminalEvent
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
 from monitor.schedule.scheduler import Scheduler
@@ -94,6 +94,7 @@ class Engine:
         if self._scheduler is not None:
             await self._scheduler.stop(grace_s)
         if self._task is not None:
+            self._task.cancel()  # polls are drained by stop(); a run() not started before stop() would never end
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -124,16 +125,27 @@ class Engine:
         )
 
     def _new_budget(self, config: Config) -> Budget:
+        """The key's budget, primed with what the previous process spent (persisted per request)."""
         store, clock = self._require_store(), self._require_clock()
-        window = config.api.rate_limit.window_s
-        history = [clock.to_loop(stamp) for stamp, _done in store.recent_requests(clock.wall() - window)]
+        now = clock.wall()
+        timeout = config.api.request_timeout_s
+        history = []
+        for stamp, done in store.recent_requests(now - config.api.rate_limit.window_s - timeout):
+            # An unanswered request (the process died first) reached the server by its timeout at the
+            # latest, and before this process started at the very latest.
+            seen_at = stamp if done else min(stamp + timeout, now)
+            history.append(clock.to_loop(seen_at))
         return Budget(
             config.api.rate_limit,
             clock,
             history=history,
             on_request_started=lambda t: store.record_request(clock.wall(t)),
-            on_request_done=lambda row, t: store.complete_request(row, clock.wall(t)),
+            on_request_done=lambda row, t: self._request_done(row, t),
         )
+
+    def _request_done(self, row: object, loop_t: float | None) -> None:
+        if self._store is not None and isinstance(row, int) and loop_t is not None:
+            self._store.complete_request(row, self._require_clock().wall(loop_t))
 
     def _new_scheduler(self, config: Config, client: ExecutionsClient, budget: Budget) -> Scheduler:
         polling = config.polling
@@ -151,10 +163,11 @@ class Engine:
         )
 
     def _resume(self, rows: Iterable[TrackedRow]) -> None:
-        scheduler, clock = self._require_scheduler(), self._require_clock()
+        scheduler = self._require_scheduler()
         count = 0
         for row in rows:
-            deadline_s = None if row.deadline_at is None else max(0.0, row.deadline_at - clock.wall())
+            # The deadline counts from the original tracked_since, which the restored state keeps.
+            deadline_s = None if row.deadline_at is None else row.deadline_at - row.tracked_since
             scheduler.track(
                 row.execution_id,
                 deadline_s=deadline_s,
@@ -230,8 +243,8 @@ class Engine:
         old_client = self._client
         self.config = config
         self._client = client
-        budget = self.budget
-        budget.set_rate(config.api.rate_limit)
+        if config.api.rate_limit != self.budget.rate:
+            self.budget.set_rate(config.api.rate_limit)
         self._require_scheduler().resume(client)
         self.key_rejected_reason = None
         if sinks is not None:
@@ -253,13 +266,7 @@ class Engine:
             listener(execution_id, status, error)
 
     async def on_terminal(self, event: TerminalEvent) -> None:
-        record = build_result_record(event)
-        wanted = [s.name for s in self._sinks if s.wants(record)]
-        result = self._require_store().finish(
-            event.execution_id, event.outcome, record, wanted, terminal_at=event.observed_at
-        )
-        if result.newly_terminal:
-            self.delivery.notify()
+        self.delivery.submit(event)
         for listener in self.terminal_listeners:
             listener(event)
 

@@ -91,7 +91,7 @@ class Watch:
         engine = self.engine
         while True:
             if view is not None:
-                self.stats.budget_used = engine.budget.used_in_window()
+                self.stats.budget_used = engine.budget.stats().used
                 view.refresh()
             if engine.key_rejected_reason is not None:
                 log.error("the API key was rejected (401): set EXECMON_API_KEY to a valid key")

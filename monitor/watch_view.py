@@ -51,7 +51,7 @@ class WatchStats:
             self.delays_s.append(max(0.0, event.observed_at - finished))
 
     def print_summary(self, counts: Counter[str], *, dead: int) -> None:
-        console = Console(stderr=True, highlight=False)
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
         parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
         console.print(f"[bold]execmon watch:[/bold] {sum(counts.values())} executions: {parts}")
         if self.delays_s:

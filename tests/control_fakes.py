@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from monitor.clock import iso_utc
+from monitor.config import Config
 from monitor.service.control import ControlServer, ControlState, TrackResult, create_control_app
+from monitor.service.metrics import Metrics
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "not_found", "timed_out"})
 
@@ -112,3 +114,35 @@ def serve_in_thread(state: ControlState, *, max_body_bytes: int = 1_048_576) -> 
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+class FakeEngine:
+    """Stands in for `monitor.engine.Engine` in the daemon's lifecycle tests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.backend = MemoryBackend()
+        self.metrics = Metrics()
+        self.reloads: list[Config] = []
+        self.shutdowns: list[float] = []
+        self.entered = False
+        self.exited = False
+        self.reload_error: Exception | None = None
+        self.shutdown_delay_s = 0.0
+
+    async def __aenter__(self) -> FakeEngine:
+        self.entered = True
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.exited = True
+
+    async def reload(self, config: Config) -> None:
+        if self.reload_error is not None:
+            raise self.reload_error
+        self.reloads.append(config)
+        self.config = config
+
+    async def shutdown(self, grace_s: float) -> None:
+        self.shutdowns.append(grace_s)
+        await asyncio.sleep(self.shutdown_delay_s)

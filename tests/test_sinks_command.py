@@ -103,9 +103,7 @@ async def test_the_engine_retries_until_the_command_succeeds(tmp_path: Path) -> 
     with Store.open(tmp_path / "s.db") as store:
         store.track_many([TrackRequest("exec_1", tracked_since=1.0)])
         async with Delivery(store, build_sinks([cfg]), Clock()) as delivery:
-            delivery.submit(
-                TerminalEvent("exec_1", Outcome.COMPLETED, observed_at=2.0, tracked_since=1.0, polls=1)
-            )
+            delivery.submit(TerminalEvent("exec_1", Outcome.COMPLETED, observed_at=2.0, tracked_since=1.0, polls=1))
             assert await delivery.drain(timeout=20)
             assert delivery.counters()["command"].failed == 2
     [call] = calls(tmp_path)
@@ -114,9 +112,7 @@ async def test_the_engine_retries_until_the_command_succeeds(tmp_path: Path) -> 
 
 async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
-    script = (
-        f"sleep 30 & echo $! >> {shlex.quote(str(pid_file))}; echo $$ >> {shlex.quote(str(pid_file))}; wait"
-    )
+    script = f"sleep 30 & echo $! >> {shlex.quote(str(pid_file))}; echo $$ >> {shlex.quote(str(pid_file))}; wait"
     cfg = config(script, shell=True)
     sink = CommandSink.from_options(cfg.options, cfg)
     started = asyncio.get_running_loop().time()
@@ -145,9 +141,7 @@ async def test_a_program_that_ignores_stdin_is_fine(tmp_path: Path) -> None:
 
 
 def test_missing_programs_and_bad_commands_are_usage_errors(tmp_path: Path) -> None:
-    with pytest.raises(
-        UsageError, match=r"test.toml: \[\[sinks\]\] #3 key 'command': program 'no-such-prog-x'"
-    ):
+    with pytest.raises(UsageError, match=r"test.toml: \[\[sinks\]\] #3 key 'command': program 'no-such-prog-x'"):
         build_sinks([config("no-such-prog-x --flag")])
     with pytest.raises(UsageError, match="does not exist or is not executable"):
         build_sinks([config([str(tmp_path / "missing.sh")])])

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ PLUGIN_SOURCE = Path(__file__).parent / "plugin_pkg"
 
 
 @pytest.fixture(scope="module")
-def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> str:
     """pip-installs tests/plugin_pkg (from a copy, so the tree stays clean) into this venv."""
     copy = tmp_path_factory.mktemp("plugin") / "plugin_pkg"
     shutil.copytree(PLUGIN_SOURCE, copy, ignore=shutil.ignore_patterns("__pycache__"))
@@ -40,7 +39,7 @@ def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         timeout=120,
     )  # fmt: skip
     importlib.invalidate_caches()
-    yield "test-recorder"
+    return "test-recorder"  # left installed: harmless, and another run reinstalls it anyway
 
 
 def sink_config(type_: str, index: int = 1, **options: Any) -> SinkConfig:

@@ -92,16 +92,10 @@ def hook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXECMON_TEST_HOOK_SECRET", SECRET)
 
 
-async def test_every_result_arrives_signed_once_per_key_through_500s(
-    receiver: Receiver, tmp_path: Path
-) -> None:
+async def test_every_result_arrives_signed_once_per_key_through_500s(receiver: Receiver, tmp_path: Path) -> None:
     receiver.plan = lambda n: (500, {}) if n <= 7 else (200, {})
     sinks = build_sinks(
-        [
-            hook_config(
-                receiver.url, max_attempts=10, backoff_base_s=0.01, backoff_cap_s=0.05, on=(Outcome.FAILED,)
-            )
-        ]
+        [hook_config(receiver.url, max_attempts=10, backoff_base_s=0.01, backoff_cap_s=0.05, on=(Outcome.FAILED,))]
     )
     with Store.open(tmp_path / "s.db") as store:
         events = [event(n, Outcome.FAILED if n % 2 else Outcome.COMPLETED) for n in range(12)]
@@ -199,9 +193,7 @@ def test_bad_configuration_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(UsageError, match="key 'headers'"):
         WebhookSink.from_options({"url": "https://example.com/h", "headers": {"Idempotency-Key": "x"}}, cfg)
     with pytest.raises(UsageError, match="key 'headers'"):
-        WebhookSink.from_options(
-            {"url": "https://example.com/h", "headers": {"X-A": "a\r\nInjected: 1"}}, cfg
-        )
+        WebhookSink.from_options({"url": "https://example.com/h", "headers": {"X-A": "a\r\nInjected: 1"}}, cfg)
 
 
 def test_unsigned_when_no_secret_and_custom_headers_sent() -> None:

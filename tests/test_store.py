@@ -89,15 +89,10 @@ def test_finish_marks_terminal_and_enqueues_per_sink_once(store: Store) -> None:
     assert again.newly_terminal is False
     assert store.pending_count() == 2
     assert store.results() == {"exec_a": Outcome.FAILED}
-    assert (
-        store.finish("exec_unknown", Outcome.COMPLETED, rec("exec_unknown"), ["jsonl"]).newly_terminal
-        is False
-    )
+    assert store.finish("exec_unknown", Outcome.COMPLETED, rec("exec_unknown"), ["jsonl"]).newly_terminal is False
 
 
-def test_terminal_state_and_outbox_rows_commit_together(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_terminal_state_and_outbox_rows_commit_together(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     track(store, "exec_a")
 
     def broken_enqueue(*args: object, **kwargs: object) -> int:
@@ -146,15 +141,9 @@ def test_group_digest_once_after_the_last_member(store: Store) -> None:
     store.set_group_sinks(["chat"])
     track(store, "exec_1", "exec_2", "exec_3", group="nightly")
     track(store, "exec_other")
+    assert store.finish("exec_1", Outcome.COMPLETED, rec("exec_1", group="nightly"), ["jsonl"]).group_record is None
     assert (
-        store.finish("exec_1", Outcome.COMPLETED, rec("exec_1", group="nightly"), ["jsonl"]).group_record
-        is None
-    )
-    assert (
-        store.finish(
-            "exec_2", Outcome.FAILED, rec("exec_2", Outcome.FAILED, "nightly"), ["jsonl"]
-        ).group_record
-        is None
+        store.finish("exec_2", Outcome.FAILED, rec("exec_2", Outcome.FAILED, "nightly"), ["jsonl"]).group_record is None
     )
     last = store.finish("exec_3", Outcome.CANCELLED, rec("exec_3", Outcome.CANCELLED, "nightly"), ["jsonl"])
     digest = last.group_record
@@ -244,7 +233,7 @@ def test_corrupt_or_foreign_files_are_refused_and_left_untouched(tmp_path: Path)
     garbage = tmp_path / "garbage.db"
     content = b"this is not a database, it is a text file that happens to be long enough\n" * 40
     garbage.write_bytes(content)
-    with pytest.raises(StateError, match="not a usable execmon state file.*move it aside"):
+    with pytest.raises(StateError, match=r"not a usable execmon state file.*move it aside"):
         Store.open(garbage)
     assert garbage.read_bytes() == content
     foreign = tmp_path / "foreign.db"
@@ -253,7 +242,7 @@ def test_corrupt_or_foreign_files_are_refused_and_left_untouched(tmp_path: Path)
     conn.close()
     with pytest.raises(StateError, match="not an execmon state file"):
         Store.open(foreign)
-    with pytest.raises(StateError, match="directory .* does not exist"):
+    with pytest.raises(StateError, match=r"directory .* does not exist"):
         Store.open(tmp_path / "missing" / "state.db")
 
 

@@ -24,7 +24,11 @@ MIN_EVENTS = 5  # ends needed before the estimate is used
 def _bin(age: float) -> int:
     if age < 1.0:
         return 0
-    return min(int(math.log2(age) * BINS_PER_DOUBLING) + 1, MAX_BIN)
+    index = min(int(math.log2(age) * BINS_PER_DOUBLING) + 1, MAX_BIN)
+    # log2 may round just below a bin edge: make sure `age` is below the bin's upper edge.
+    while index < MAX_BIN and _edge(index + 1) <= age:
+        index += 1
+    return index
 
 
 def _edge(index: int) -> float:

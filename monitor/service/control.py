@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -191,9 +192,7 @@ async def _track(request: web.Request) -> web.Response:
     check_query(request.query)
     body = await request.read()  # capped by client_max_size: HTTPRequestEntityTooLarge -> 413
     wanted = parse_track_request(body)
-    result = await backend.track(
-        wanted.ids, deadline_s=wanted.deadline_s, group=wanted.group, labels=wanted.labels
-    )
+    result = await backend.track(wanted.ids, deadline_s=wanted.deadline_s, group=wanted.group, labels=wanted.labels)
     log.info("executions tracked", added=len(result.added), already_tracked=len(result.already_tracked))
     status = 201 if result.added else 200
     payload = {"added": list(result.added), "already_tracked": list(result.already_tracked)}
@@ -291,7 +290,7 @@ class ControlServer:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            reason = exc.strerror or str(exc)
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
             raise UsageError(f"cannot serve the control API on {self.host}:{self.port}: {reason}") from None
         self._runner = runner
         if self.port == 0:

@@ -130,16 +130,14 @@ class Daemon:
         token = config.control_token()
         host, port = config.control.listen
         check_listen_allowed(host, token)
-        if token is None:
-            log.warning(
-                "the control API has no token: anyone on this machine can use it", listen=f"{host}:{port}"
-            )
         self._config = config
         self.state.token = token
         app = create_control_app(self.state, max_body_bytes=config.control.max_body_bytes)
         self._server = ControlServer(app, host, port)
         await self._server.start()
         self._stack.push_async_callback(self._server.stop)
+        if token is None:
+            log.warning("the control API has no token: anyone on this machine can use it", url=self._server.url)
         engine = self._engine_factory(config)
         await self._stack.enter_async_context(engine)
         self._engine = engine
@@ -159,7 +157,6 @@ class Daemon:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._remove_signal_handlers()
         self.state.stopping = True
         for task in list(self._reload_tasks):
             task.cancel()
@@ -171,6 +168,8 @@ class Daemon:
         finally:
             await self._stack.aclose()
             self._engine = None
+            # Removed last: a second SIGTERM/SIGINT during the grace period must still find our handler.
+            self._remove_signal_handlers()
         log.info("daemon stopped")
 
     async def wait_stopped(self) -> None:
@@ -221,9 +220,7 @@ class Daemon:
         for key in ("listen", "max_body_bytes"):
             if getattr(new.control, key) != getattr(old.control, key):
                 log.warning("a control setting changed: it takes effect on restart", key=f"control.{key}")
-        log.info(
-            "config reloaded", config=new.source, rate_limit=str(new.api.rate_limit), sinks=len(new.sinks)
-        )
+        log.info("config reloaded", config=new.source, rate_limit=str(new.api.rate_limit), sinks=len(new.sinks))
 
     # --- signals -------------------------------------------------------------------------------
 
@@ -263,8 +260,6 @@ async def serve(daemon: Daemon) -> int:
     return 0
 
 
-def run_daemon(
-    config_path: str | Path | None, *, engine_factory: EngineFactory = default_engine_factory
-) -> int:
+def run_daemon(config_path: str | Path | None, *, engine_factory: EngineFactory = default_engine_factory) -> int:
     """`execmon run`: serve until SIGTERM/SIGINT, then exit 0. Config and bind errors raise UsageError."""
     return asyncio.run(serve(Daemon(config_path, engine_factory=engine_factory)))

@@ -102,8 +102,7 @@ def optional_int(options: Mapping[str, Any], common: SinkConfig, key: str, defau
 def optional_str_map(options: Mapping[str, Any], common: SinkConfig, key: str) -> dict[str, str]:
     value = options.get(key, {})
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and "\n" not in k + v and "\r" not in k + v
-        for k, v in value.items()
+        isinstance(k, str) and isinstance(v, str) and "\n" not in k + v and "\r" not in k + v for k, v in value.items()
     ):
         raise common.error(key, "a table of text values (no line breaks)", value)
     return dict(value)

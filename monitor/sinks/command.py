@@ -129,9 +129,7 @@ def _resolve_program(program: str, common: SinkConfig) -> str:
         path = Path(program).expanduser()
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-        raise UsageError(
-            f"{common.where('command')}: program {program!r} does not exist or is not executable"
-        )
+        raise UsageError(f"{common.where('command')}: program {program!r} does not exist or is not executable")
     found = shutil.which(program)
     if found is None:
         raise UsageError(f"{common.where('command')}: program {program!r} not found on PATH")

@@ -122,9 +122,7 @@ def parse_sink_spec(spec: str) -> dict[str, Any]:
     kind, sep, value = text.partition(":")
     if sep and kind in SPEC_KEYS:
         if not value.strip():
-            raise UsageError(
-                f"--sink {spec!r}: expected {kind}:{SPEC_KEYS[kind].upper()}, found nothing after ':'"
-            )
+            raise UsageError(f"--sink {spec!r}: expected {kind}:{SPEC_KEYS[kind].upper()}, found nothing after ':'")
         return {"type": kind, SPEC_KEYS[kind]: value}
     if kind in SPEC_KEYS:
         raise UsageError(f"--sink {spec!r}: expected {kind}:{SPEC_KEYS[kind].upper()}")

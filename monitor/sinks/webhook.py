@@ -144,9 +144,7 @@ def check_hook_url(raw: str, common: SinkConfig) -> URL:
         raise common.error("url", "an http(s) URL", "a value that is not a URL") from None
     if url.scheme not in ("http", "https") or not url.host:
         shown = f"{url.scheme}://..." if url.scheme else "a URL without a scheme"
-        raise UsageError(
-            f"{common.where('url')}: expected an http:// or https:// URL with a host, found {shown}"
-        )
+        raise UsageError(f"{common.where('url')}: expected an http:// or https:// URL with a host, found {shown}")
     register_secret(raw)
     return url
 

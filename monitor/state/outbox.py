@@ -127,9 +127,7 @@ class OutboxQueries:
         if sink is None:
             rows = self._db.read("SELECT count(*) AS n FROM outbox WHERE state = 'pending'")
         else:
-            rows = self._db.read(
-                "SELECT count(*) AS n FROM outbox WHERE sink = ? AND state = 'pending'", (sink,)
-            )
+            rows = self._db.read("SELECT count(*) AS n FROM outbox WHERE sink = ? AND state = 'pending'", (sink,))
         return int(rows[0]["n"])
 
     def dead_count(self) -> int:

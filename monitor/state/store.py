@@ -147,9 +147,7 @@ class Store(OutboxQueries):
         )
         return [tracked_from(r) for r in rows]
 
-    def list_executions(
-        self, status_filter: str | None = None, limit: int = 1000, offset: int = 0
-    ) -> list[TrackedRow]:
+    def list_executions(self, status_filter: str | None = None, limit: int = 1000, offset: int = 0) -> list[TrackedRow]:
         """Tracked IDs, oldest first. Filter: all, active|running, terminal, or an outcome."""
         where, params = _filter_sql(status_filter)
         rows = self._db.read(
@@ -205,8 +203,7 @@ class Store(OutboxQueries):
             if row is None or row["terminal_outcome"] is not None:
                 return FinishResult(newly_terminal=False)
             conn.execute(
-                "UPDATE executions SET terminal_outcome = ?, terminal_at = ?, record_json = ?"
-                " WHERE execution_id = ?",
+                "UPDATE executions SET terminal_outcome = ?, terminal_at = ?, record_json = ? WHERE execution_id = ?",
                 (outcome.value, terminal_at or time.time(), dumps(dict(record)), execution_id),
             )
             added = enqueue(conn, record, sinks, execution_id=execution_id)
@@ -218,9 +215,7 @@ class Store(OutboxQueries):
 
     def results(self, execution_ids: Iterable[str] | None = None) -> dict[str, Outcome]:
         """The terminal outcome of every terminal ID (or of those given that are terminal)."""
-        rows = self._db.read(
-            "SELECT execution_id, terminal_outcome FROM executions WHERE terminal_outcome IS NOT NULL"
-        )
+        rows = self._db.read("SELECT execution_id, terminal_outcome FROM executions WHERE terminal_outcome IS NOT NULL")
         found = {r["execution_id"]: Outcome(r["terminal_outcome"]) for r in rows}
         if execution_ids is None:
             return found
