@@ -145,9 +145,7 @@ class ControlClient:
         answer: dict[str, Any] = self._request("GET", "/v1/executions" + query)
         return answer
 
-    def iter_executions(
-        self, status: str | None = None, page_size: int = MAX_LIMIT
-    ) -> Iterator[dict[str, Any]]:
+    def iter_executions(self, status: str | None = None, page_size: int = MAX_LIMIT) -> Iterator[dict[str, Any]]:
         """Every tracked execution matching `status`, page by page."""
         offset = 0
         while True:
@@ -168,9 +166,7 @@ class ControlClient:
     # --- plumbing ------------------------------------------------------------------------------
 
     def _unreachable(self) -> ControlError:
-        return ControlError(
-            f"cannot reach the execmon daemon at {self.target.base_url}: is `execmon run` running?"
-        )
+        return ControlError(f"cannot reach the execmon daemon at {self.target.base_url}: is `execmon run` running?")
 
     def _request(self, method: str, path: str, body: object | None = None) -> Any:
         headers = {"Accept": "application/json"}
@@ -199,9 +195,7 @@ class ControlClient:
                 if attempt == 2:
                     raise
             except TimeoutError:
-                raise ControlError(
-                    f"the execmon daemon at {self.target.base_url} did not answer in time"
-                ) from None
+                raise ControlError(f"the execmon daemon at {self.target.base_url} did not answer in time") from None
         raise AssertionError("unreachable")
 
     def _decode(self, status: int, raw: bytes) -> Any:

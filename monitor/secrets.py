@@ -7,6 +7,7 @@ values wherever they appear (see `monitor.logs`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 _lock = threading.Lock()
 _known: set[str] = set()
@@ -52,3 +53,11 @@ def redact(text: str) -> str:
         if value in text:
             text = text.replace(value, REDACTED)
     return text
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of an environment without the variables that hold a known secret (for child processes:
+    a hook script has no business with the API key or the control token)."""
+    with _lock:
+        known = set(_known)
+    return {name: value for name, value in env.items() if value.strip() not in known}

@@ -67,9 +67,7 @@ async def api() -> AsyncIterator[Api]:
 # --- authentication ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "path", ["/v1/executions", "/v1/executions/exec_1", "/metrics", "/openapi.json", "/nowhere"]
-)
+@pytest.mark.parametrize("path", ["/v1/executions", "/v1/executions/exec_1", "/metrics", "/openapi.json", "/nowhere"])
 async def test_every_endpoint_but_healthz_needs_the_token(api: Api, path: str) -> None:
     status, body, headers = await api.call("GET", path, auth=False)
     assert status == 401

@@ -27,9 +27,7 @@ MAX_EXAMPLES = 40
 schema = schemathesis.openapi.from_dict(openapi_document())
 # The token is sent by the test itself (with or without it), so schemathesis should not generate
 # (or mutate) the Authorization header and then expect its mutation to be refused.
-schema.config.generation.update(
-    modes=list(GenerationMode), max_examples=MAX_EXAMPLES, with_security_parameters=False
-)
+schema.config.generation.update(modes=list(GenerationMode), max_examples=MAX_EXAMPLES, with_security_parameters=False)
 # A generated body over the size cap is rightly refused with 413 before its content is looked at.
 schema.config.checks.negative_data_rejection.expected_statuses.append("413")
 
@@ -54,9 +52,7 @@ def _check_nothing_tracked_when_rejected(
 ) -> None:
     if case.method.upper() == "POST" and status >= 400:
         after = live.backend.snapshot()
-        assert after == before, (
-            f"a rejected POST ({status}) changed what is tracked: {sorted(after - before)[:5]}"
-        )
+        assert after == before, f"a rejected POST ({status}) changed what is tracked: {sorted(after - before)[:5]}"
 
 
 @schema.parametrize()

@@ -163,3 +163,11 @@ def test_programs_are_resolved_on_path_at_start() -> None:
     cfg = config("sh -c 'exit 0'")
     sink = CommandSink.from_options(cfg.options, cfg)
     assert os.path.isabs(sink.program)
+
+
+def test_child_environment_has_no_known_secret() -> None:
+    from monitor.secrets import Secret, without_secrets
+
+    Secret("sk_test_never_to_a_hook")
+    env = without_secrets({"EXECMON_API_KEY": "sk_test_never_to_a_hook", "HOME": "/root"})
+    assert env == {"HOME": "/root"}

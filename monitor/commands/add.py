@@ -22,9 +22,7 @@ HELP = "Hand executions to the running daemon (`execmon run`)."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ids_argument(parser)
     add_config_argument(parser)
-    parser.add_argument(
-        "--deadline", metavar="DURATION", help="give up after this long (e.g. 90m): timed_out"
-    )
+    parser.add_argument("--deadline", metavar="DURATION", help="give up after this long (e.g. 90m): timed_out")
     parser.add_argument("--label", action="append", default=[], metavar="K=V", help="a label (repeatable)")
     parser.add_argument("--group", metavar="NAME", help="the IDs form one batch, summed up in a group digest")
     parser.add_argument("--json", action="store_true", help="print {added, already_tracked} as JSON")

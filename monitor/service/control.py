@@ -79,6 +79,7 @@ class ControlState:
 
 
 STATE_KEY = web.AppKey("execmon_control_state", ControlState)
+MAX_BODY_KEY = web.AppKey("execmon_control_max_body_bytes", int)
 
 
 @cache
@@ -139,7 +140,7 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         extra = {"invalid_ids": exc.invalid_ids} if exc.invalid_ids is not None else {}
         response = _json_error(exc.status, exc.code, exc.message, **extra)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app._client_max_size
+        limit = request.app[MAX_BODY_KEY]
         response = _json_error(413, ErrorCode.BODY_TOO_LARGE, f"the request body is over {limit} bytes")
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
@@ -257,6 +258,7 @@ def create_control_app(state: ControlState, *, max_body_bytes: int = 1_048_576) 
     """The aiohttp application; `state` is read on every request, so it can change while serving."""
     app = web.Application(middlewares=[_errors_as_json, _require_token], client_max_size=max_body_bytes)
     app[STATE_KEY] = state
+    app[MAX_BODY_KEY] = max_body_bytes
     app.router.add_post("/v1/executions", _track)
     app.router.add_get("/v1/executions", _list)
     app.router.add_get("/v1/executions/{execution_id}", _get)

@@ -51,9 +51,7 @@ class ErrorCode(StrEnum):
 class ApiError(Exception):
     """An error answer: HTTP status, code, message and, for bad IDs, every bad ID."""
 
-    def __init__(
-        self, status: int, code: ErrorCode, message: str, invalid_ids: list[str] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, invalid_ids: list[str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -63,9 +61,7 @@ class ApiError(Exception):
     @classmethod
     def for_invalid_ids(cls, raw: list[object]) -> ApiError:
         shown = [_show(value) for value in raw]
-        listed = ", ".join(repr(s) for s in shown[:5]) + (
-            f" and {len(shown) - 5} more" if len(shown) > 5 else ""
-        )
+        listed = ", ".join(repr(s) for s in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
         noun = "ID" if len(shown) == 1 else "IDs"
         message = f"{len(shown)} invalid execution {noun}: {listed}; allowed are {ALLOWED_DESCRIPTION}"
         return cls(400, ErrorCode.INVALID_IDS, message, invalid_ids=shown)

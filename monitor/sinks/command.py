@@ -20,7 +20,7 @@ from typing import Any, Self
 
 from monitor.config import SinkConfig
 from monitor.errors import UsageError
-from monitor.secrets import redact
+from monitor.secrets import redact, without_secrets
 from monitor.sinks.base import (
     BaseSink,
     DeliveryError,
@@ -69,7 +69,7 @@ class CommandSink(BaseSink):
         return cls(argv, env=env, concurrency=concurrency)
 
     async def send(self, record: dict[str, Any]) -> None:
-        env = {**os.environ, **self._env, **record_env(record)}
+        env = {**without_secrets(os.environ), **self._env, **record_env(record)}
         try:
             proc = await self._spawn(env)
         except OSError as exc:
