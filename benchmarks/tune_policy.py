@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from monitor import bench, vtime
-from monitor.schedule.policy import AdaptivePolicy
+from monitor.schedule.adaptive import AdaptivePolicy
 from monitor.simulator.scenario import load_scenario
 
 CACHE = Path(os.environ.get("TUNE_CACHE", "/tmp/execmon-tune-cache"))

@@ -22,13 +22,14 @@ import structlog
 
 from monitor.api.client import ExecutionsClient
 from monitor.api.models import StatusRecord
-from monitor.clock import Clock
+from monitor.clock import Clock, parse_iso
 from monitor.config import Config, SinkConfig
 from monitor.delivery import Delivery
 from monitor.records import Outcome, TerminalEvent
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
 from monitor.schedule.scheduler import Scheduler
+from monitor.service.backend import EngineBackend
 from monitor.service.metrics import Metrics
 from monitor.sinks.registry import SinkHandle, build_sinks
 from monitor.state.rows import TrackedRow, TrackRequest
@@ -36,6 +37,8 @@ from monitor.state.store import Store
 
 log = structlog.get_logger(__name__)
 
+_METRICS_EVERY_S = 5.0
+_OUTCOMES = tuple(o.value for o in Outcome)
 StatusListener = Callable[[str, StatusRecord | None, str | None], None]
 
 
@@ -58,6 +61,7 @@ class Engine:
         self.terminal_listeners: list[Callable[[TerminalEvent], None]] = []
         self.status_listeners: list[StatusListener] = []
         self._task: asyncio.Task[None] | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
         self._sinks: list[SinkHandle] = build_sinks(config.sinks)
         self._store: Store | None = None
         self._client: ExecutionsClient | None = None
@@ -65,6 +69,7 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._delivery: Delivery | None = None
         self._clock: Clock | None = None
+        self.backend = EngineBackend(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -79,6 +84,7 @@ class Engine:
             self._scheduler = self._new_scheduler(self.config, self._client, self._budget)
             self._resume(self._store.load_active())
             self._task = asyncio.create_task(self._scheduler.run(), name="execmon-scheduler")
+            self._metrics_task = asyncio.create_task(self._refresh_metrics(), name="execmon-metrics")
         except BaseException:
             await self._close_parts()
             raise
@@ -112,6 +118,17 @@ class Engine:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    async def _refresh_metrics(self) -> None:
+        """Gauges that are cheaper to sample than to keep exact on every change."""
+        while True:
+            store, budget = self._require_store(), self.budget
+            stats = budget.stats()
+            self.metrics.set_budget(stats.used, stats.free)
+            self.metrics.set_tracked(
+                {state: store.count_executions(state) for state in ("pending", "running", *_OUTCOMES)}
+            )
+            await asyncio.sleep(_METRICS_EVERY_S)
 
     # -- building the parts --------------------------------------------------------------------
 
@@ -267,6 +284,9 @@ class Engine:
 
     async def on_terminal(self, event: TerminalEvent) -> None:
         self.delivery.submit(event)
+        finished = parse_iso(event.status.finished_at or "") if event.status is not None else None
+        if finished is not None:
+            self.metrics.observe_detection_delay(max(0.0, event.observed_at - finished))
         for listener in self.terminal_listeners:
             listener(event)
 

@@ -186,7 +186,11 @@ def test_expected_total_holds_the_digest_for_late_members(store: Store) -> None:
 def test_list_filters_results_and_status_filters(store: Store) -> None:
     track(store, "exec_a", "exec_b", "exec_c")
     store.finish("exec_b", Outcome.NOT_FOUND, rec("exec_b", Outcome.NOT_FOUND), [])
-    assert [r.execution_id for r in store.list_executions("running")] == ["exec_a", "exec_c"]
+    assert [r.execution_id for r in store.list_executions("active")] == ["exec_a", "exec_c"]
+    assert [r.execution_id for r in store.list_executions("pending")] == ["exec_a", "exec_c"]
+    store.save_poll("exec_c", None, {"status": "running", "progress": 5}, 1)
+    assert [r.execution_id for r in store.list_executions("running")] == ["exec_c"]
+    assert [r.execution_id for r in store.list_executions("pending")] == ["exec_a"]
     assert [r.execution_id for r in store.list_executions("not_found")] == ["exec_b"]
     assert [r.execution_id for r in store.list_executions(None, limit=1, offset=1)] == ["exec_b"]
     assert store.count_executions("terminal") == 1

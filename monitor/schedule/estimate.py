@@ -2,17 +2,14 @@
 
 - `fit_eta`: a least-squares line through the progress samples, anchored at (tracked_since, 0),
   solved for progress = 100, with the standard error of that inverse prediction.
-- `DurationPrior`: the empirical distribution of durations seen so far, for executions that report
-  no progress.
-- `gaussian_crossing` / `DurationPrior.crossing`: when the expected staleness of an execution last
-  seen running at L, U(t) = E[(t - E)^+ | E > L] (how late we would be, on average, if we asked
+- `staleness` / `staleness_crossing`: when the expected staleness of an execution last seen
+  running at L, U(t) = E[(t - End)^+ | End > L] (how late we would be, on average, if we asked
   at t), reaches a threshold theta. Polling each execution when U crosses one shared theta is the
   optimal use of a fixed number of polls (Olston and Pandey, WWW 2008).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +17,6 @@ from dataclasses import dataclass
 PRIOR_NOISE = 2.0  # progress points: assumed noise until the residuals say otherwise
 PRIOR_NOISE_WEIGHT = 2.0  # pseudo degrees of freedom behind PRIOR_NOISE
 MIN_NOISE = 0.5  # progress is an integer: rounding alone is +-0.5
-MAX_PRIOR_SAMPLES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,75 +117,33 @@ def gaussian_overshoot(t: float, mu: float, sd: float, lower: float) -> float:
     return max(inside / tail, 0.0)
 
 
-def gaussian_crossing(theta: float, mu: float, sd: float, lower: float) -> float:
-    """The earliest t > lower with gaussian_overshoot(t) >= theta (bisection to ~0.1 s or 0.5%)."""
-    low = lower
-    step = max(sd, theta, 1.0)
-    high = max(lower, mu) + step
-    while gaussian_overshoot(high, mu, sd, lower) < theta:
+def staleness(t: float, last: float, rate: float, mu: float | None, sd: float) -> float:
+    """U(t) for a run last seen going at `last`: unexpected ends at a constant `rate` (lambda),
+    plus, when it reports progress, its predicted end ~ N(mu, sd^2):
+        U(t) = rate * (t - last)^2 / 2 + E[(t - End)^+ | End > last]."""
+    if t <= last:
+        return 0.0
+    value = rate * (t - last) ** 2 / 2.0
+    if mu is not None:
+        value += gaussian_overshoot(t, mu, sd, last)
+    return value
+
+
+def staleness_crossing(theta: float, last: float, rate: float, mu: float | None, sd: float) -> float:
+    """The earliest t > last with staleness(t) >= theta (U is increasing; bisection)."""
+    if mu is None:
+        return last + math.sqrt(2.0 * theta / max(rate, 1e-12))  # closed form without progress
+    low = last
+    step = max(sd, 1.0)
+    high = max(last, mu) + step
+    while staleness(high, last, rate, mu, sd) < theta:
         low, high = high, high + step
         step *= 2.0
-    tolerance = max(0.1, 0.005 * sd)
+    tolerance = max(0.1, 0.005 * sd, 0.001 * (high - last))
     while high - low > tolerance:
         middle = (low + high) / 2.0
-        if gaussian_overshoot(middle, mu, sd, lower) >= theta:
+        if staleness(middle, last, rate, mu, sd) >= theta:
             high = middle
         else:
             low = middle
     return high
-
-
-class DurationPrior:
-    """Durations (seconds from tracking to end) of completed executions, kept sorted."""
-
-    __slots__ = ("_durations",)
-
-    def __init__(self) -> None:
-        self._durations: list[float] = []
-
-    def __len__(self) -> int:
-        return len(self._durations)
-
-    def add(self, duration_s: float) -> None:
-        durations = self._durations
-        if len(durations) >= MAX_PRIOR_SAMPLES:
-            # Forget every other one: keeps the shape, halves the size, O(n) once per n additions.
-            del durations[::2]
-        bisect.insort(durations, max(duration_s, 0.0))
-
-    def conditional_quantile(self, age_s: float, q: float) -> float | None:
-        """The age by which a run still going at `age_s` has ended with probability q (None: no data)."""
-        durations = self._durations
-        first_longer = bisect.bisect_right(durations, age_s)
-        remaining = len(durations) - first_longer
-        if remaining <= 0:
-            return None
-        index = first_longer + max(math.ceil(q * remaining) - 1, 0)
-        return durations[index]
-
-    def crossing(self, theta: float, age_s: float) -> float | None:
-        """The age x at which E[(x - D)^+ | D > age_s] reaches theta, over the seen durations D.
-
-        Between two seen durations U(x) = (count * x - sum) / S is linear; walk up from age_s.
-        None when no seen duration is longer than age_s.
-        """
-        durations = self._durations
-        index = bisect.bisect_right(durations, age_s)
-        survivors = len(durations) - index
-        if survivors <= 0:
-            return None
-        total = 0.0
-        for count, position in enumerate(range(index, len(durations)), start=1):
-            total += durations[position]
-            upper = durations[position + 1] if position + 1 < len(durations) else math.inf
-            x = (theta * survivors + total) / count
-            if x <= upper:
-                return max(x, durations[position])
-        return None  # not reached: cannot happen, the last segment is unbounded
-
-    def survival(self, age_s: float) -> float:
-        """Fraction of seen durations longer than age_s (1.0 with no data)."""
-        durations = self._durations
-        if not durations:
-            return 1.0
-        return 1.0 - bisect.bisect_right(durations, age_s) / len(durations)

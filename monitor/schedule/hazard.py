@@ -19,6 +19,7 @@ import math
 BINS_PER_DOUBLING = 4
 MAX_BIN = 4 * 24  # 2^24 s (194 days); the last bin is open-ended
 MIN_EVENTS = 5  # ends needed before the estimate is used
+_NEVER_S = 1e8  # a crossing this far away means never
 
 
 def _bin(age: float) -> int:
@@ -79,7 +80,7 @@ class AgeHazard:
             rate = self.rate(index)
             high = math.inf if index == MAX_BIN else _edge(index + 1)
             gain = _growth(high - low, rate, survival)
-            if staleness + gain >= theta:
+            if staleness + gain >= theta or index == MAX_BIN:
                 return low + _solve(theta - staleness, rate, survival, high - low)
             staleness += gain
             survival *= math.exp(-rate * (high - low))
@@ -89,7 +90,7 @@ class AgeHazard:
 def _growth(span: float, rate: float, survival: float) -> float:
     """Increase of U over `span` seconds at constant hazard, starting at conditional survival."""
     if math.isinf(span):
-        return math.inf
+        return math.inf if rate > 1e-15 or survival < 1.0 else 0.0
     if rate <= 1e-15:
         return span * (1.0 - survival)
     return span - survival * (1.0 - math.exp(-rate * span)) / rate
@@ -101,6 +102,8 @@ def _solve(target: float, rate: float, survival: float, span: float) -> float:
     if math.isinf(high):
         high = max(target, 1.0)
         while _growth(high, rate, survival) < target:
+            if high > _NEVER_S:
+                return high  # practically never: the floor will see to it
             high *= 2.0
     for _ in range(40):
         middle = (low + high) / 2.0

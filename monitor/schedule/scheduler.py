@@ -412,7 +412,7 @@ class Scheduler:
         state.live = False
         self._policy.remove(state, now)
         if status is not None and status.status.terminal:
-            self._policy.finished(state, self._ended_at(state, status, now))
+            self._policy.finished(state, self._ended_at(state, status, now), outcome)
         event = TerminalEvent(
             execution_id=state.execution_id,
             outcome=outcome,

@@ -29,7 +29,7 @@ log = structlog.get_logger(__name__)
 
 BUDGET_KEEP_S = 3600.0  # request history older than this can no longer matter to any window
 _PRUNE_EVERY = 64
-STATUS_FILTERS = ("all", "active", "running", "terminal", *(o.value for o in Outcome))
+STATUS_FILTERS = ("all", "active", "pending", "running", "terminal", *(o.value for o in Outcome))
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +213,13 @@ class Store(OutboxQueries):
                 group_record = self._maybe_digest(conn, row["grp"])
         return FinishResult(newly_terminal=True, enqueued=added, group_record=group_record)
 
+    def undelivered_ids(self) -> set[str]:
+        """Executions with a result that some sink has not confirmed (pending or dead-lettered)."""
+        rows = self._db.read(
+            "SELECT DISTINCT execution_id FROM outbox WHERE state != 'delivered' AND execution_id IS NOT NULL"
+        )
+        return {str(r["execution_id"]) for r in rows}
+
     def results(self, execution_ids: Iterable[str] | None = None) -> dict[str, Outcome]:
         """The terminal outcome of every terminal ID (or of those given that are terminal)."""
         rows = self._db.read("SELECT execution_id, terminal_outcome FROM executions WHERE terminal_outcome IS NOT NULL")
@@ -284,8 +291,12 @@ def _join_group(conn: sqlite3.Connection, group: str) -> None:
 def _filter_sql(status_filter: str | None) -> tuple[str, list[object]]:
     if status_filter in (None, "all"):
         return "", []
-    if status_filter in ("active", "running"):
+    if status_filter == "active":
         return "WHERE terminal_outcome IS NULL", []
+    if status_filter == "pending":  # tracked, never answered yet
+        return "WHERE terminal_outcome IS NULL AND polls = 0", []
+    if status_filter == "running":
+        return "WHERE terminal_outcome IS NULL AND polls > 0", []
     if status_filter == "terminal":
         return "WHERE terminal_outcome IS NOT NULL", []
     if status_filter in {o.value for o in Outcome}:

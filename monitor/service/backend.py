@@ -1,0 +1,72 @@
+"""The control API's view of a running engine (implements `ControlBackend`).
+
+Views are read from the SQLite state (the source of truth, so `ls` shows terminal executions too)
+plus the scheduler's plan for the ones still being polled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from monitor.clock import iso_utc
+from monitor.service.control import TrackResult
+from monitor.state.rows import TrackedRow
+
+if TYPE_CHECKING:
+    from monitor.engine import Engine
+
+
+class EngineBackend:
+    """Adapts an `Engine` to the control API's `ControlBackend` protocol."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def track(
+        self, ids: list[str], *, deadline_s: float | None, group: str | None, labels: dict[str, str]
+    ) -> TrackResult:
+        result = self._engine.track(ids, deadline_s=deadline_s, group=group, labels=labels)
+        return TrackResult(list(result.added), list(result.already_tracked))
+
+    async def untrack(self, execution_id: str) -> bool:
+        return self._engine.untrack(execution_id)
+
+    def list_executions(self, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        store = self._engine.store
+        rows = store.list_executions(status, limit, offset)
+        undelivered = store.undelivered_ids() if any(r.terminal for r in rows) else set()
+        return [self._view(row, undelivered) for row in rows]
+
+    def count_executions(self, status: str | None) -> int:
+        return self._engine.store.count_executions(status)
+
+    def get_execution(self, execution_id: str) -> dict[str, Any] | None:
+        row = self._engine.store.get(execution_id)
+        if row is None:
+            return None
+        return self._view(row, self._engine.store.undelivered_ids() if row.terminal else set())
+
+    def health(self) -> tuple[bool, str | None]:
+        return self._engine.health()
+
+    def _view(self, row: TrackedRow, undelivered: set[str]) -> dict[str, Any]:
+        last = row.last_status or {}
+        plan = None if row.terminal else self._engine.scheduler.snapshot(row.execution_id)
+        last_poll = plan.get("last_poll") if plan and row.polls else None
+        next_poll = plan.get("next_poll_at") if plan else None
+        if row.outcome is not None:
+            state = row.outcome.value
+        else:
+            state = "running" if row.polls else "pending"
+        return {
+            "execution_id": row.execution_id,
+            "state": state,
+            "progress": last.get("progress") if isinstance(last.get("progress"), int) else None,
+            "polls": row.polls,
+            "tracked_since": iso_utc(row.tracked_since),
+            "last_polled_at": iso_utc(last_poll) if isinstance(last_poll, float) else None,
+            "next_poll_at": iso_utc(next_poll) if isinstance(next_poll, float) else None,
+            "group": row.group,
+            "labels": row.labels,
+            "delivered": row.terminal and row.execution_id not in undelivered,
+        }
