@@ -108,8 +108,10 @@ class Watch:
     def _finish(self, outcomes: dict[str, Outcome]) -> int:
         dead = self.engine.store.dead_letters()
         counts = Counter(o.value for o in outcomes.values())
-        if not self.options.quiet:
+        if self.options.live:
             self.stats.print_summary(counts, dead=len(dead))
+        elif not self.options.quiet:
+            log.info("watch finished", **self.stats.summary(counts, dead=len(dead)))
         if dead:
             for row in dead[:10]:
                 log.error("result not delivered (dead letter)", sink=row.sink, event_id=row.event_id,

@@ -50,6 +50,15 @@ class WatchStats:
         if finished is not None:
             self.delays_s.append(max(0.0, event.observed_at - finished))
 
+    def summary(self, counts: Counter[str], *, dead: int) -> dict[str, object]:
+        """The closing figures as fields of one structured log line (for a pipe)."""
+        fields: dict[str, object] = {"outcomes": dict(sorted(counts.items())), "requests": self.requests}
+        if self.delays_s:
+            fields["detection_delay_mean_s"] = round(statistics.fmean(self.delays_s), 2)
+            fields["detection_delay_max_s"] = round(max(self.delays_s), 2)
+        fields["dead_letters"] = dead
+        return fields
+
     def print_summary(self, counts: Counter[str], *, dead: int) -> None:
         console = Console(stderr=True, highlight=False, soft_wrap=True)
         parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))

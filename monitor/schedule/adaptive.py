@@ -54,6 +54,7 @@ class AdaptivePolicy(Policy):
         self.theta_gain = theta_gain
         self.age_hazard = age_hazard
         self._theta_scale = 1.0
+        self._weights = 0.0  # sum over tracked executions of sqrt(hazard)
         self.retry_gap_min_s = retry_gap_min_s
         self.retry_growth = retry_growth
         self._cycle = floor_min_s  # the baseline's round-robin period (N + L) / R, last seen
@@ -87,8 +88,10 @@ class AdaptivePolicy(Policy):
         self._cycle = floor / self.floor_factor
         return floor
 
-    def _on_remove(self, now: float) -> None:
+    def _on_remove(self, state: ExecState, now: float) -> None:
         self._left.append(now)
+        self._weights = max(self._weights - state.weight, 0.0)
+        state.weight = 0.0
 
     # -- learning ----------------------------------------------------------------------------------
 
@@ -122,7 +125,9 @@ class AdaptivePolicy(Policy):
         lambda * P^2 / 2 (P = the round-robin period), times theta_factor. A run with nothing
         but unexpected ends to fear then crosses exactly once per cycle: round robin is the
         special case, and whatever staleness builds up faster is served first."""
-        return self._theta_scale * self.theta_factor * self.end_rate() * self._cycle**2 / 2.0
+        rate = max(self._rate(), 1e-9)
+        stretch = self._cycle * rate / max(self._count, 1)  # (N + L) / N: those that just left
+        return self._theta_scale * self.theta_factor * (self._weights * stretch / rate) ** 2 / 2.0
 
     # -- keys ------------------------------------------------------------------------------------
 
@@ -140,18 +145,24 @@ class AdaptivePolicy(Policy):
         eta = _estimate(state)
         last = state.last_poll
         rate = self.end_rate()
+        theta = self.theta
         if eta is not None:
             state.eta, state.eta_sd = eta.at, eta.sd
-            due = staleness_crossing(self.theta, last, rate, eta.at, max(eta.sd, _MIN_SD))
+            due = staleness_crossing(theta, last, rate, eta.at, max(eta.sd, _MIN_SD))
         else:
             state.eta = state.eta_sd = math.inf
             hazard = self._hazard_silent if _silent(state) and self._hazard_silent.ready else self._hazard_all
             if hazard.ready and self.age_hazard:
-                due = state.tracked_since + hazard.crossing(self.theta, last - state.tracked_since)
+                age = last - state.tracked_since
+                rate = hazard.rate_at(age)
+                due = state.tracked_since + hazard.crossing(theta, age)
             else:
                 if hazard.ready:
                     rate = (hazard.events + 1.0) / (hazard.exposure + 1.0 / _PRIOR_END_RATE)
-                due = staleness_crossing(self.theta, last, rate, None, 0.0)
+                due = staleness_crossing(theta, last, rate, None, 0.0)
+        weight = math.sqrt(rate)
+        self._weights = max(self._weights + weight - state.weight, 0.0)
+        state.weight = weight
         gap = self.retry_gap_min_s * self.retry_growth**state.misses
         state.due = max(due, now + gap)
 

@@ -70,6 +70,9 @@ class AgeHazard:
         width = _edge(index + 1) - _edge(index) if index < MAX_BIN else _edge(index)
         return (self._events[index] + width * overall) / (self._exposure[index] + width)
 
+    def rate_at(self, age: float) -> float:
+        return self.rate(_bin(age))
+
     def crossing(self, theta: float, age: float) -> float:
         """The age at which the expected staleness since `age` reaches theta."""
         staleness = 0.0

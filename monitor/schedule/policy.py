@@ -82,9 +82,9 @@ class Policy(ABC):
         """Terminal or untracked: its heap entries go stale."""
         self._count -= 1
         state.ver += 1
-        self._on_remove(now)
+        self._on_remove(state, now)
 
-    def _on_remove(self, now: float) -> None:  # noqa: B027  # optional hook
+    def _on_remove(self, state: ExecState, now: float) -> None:  # noqa: B027  # optional hook
         """Something left the queue at `now`."""
 
     def hold(self, state: ExecState, until: float) -> None:

@@ -40,6 +40,7 @@ class ExecState:
         "raw_status",
         "samples",
         "tracked_since",
+        "weight",
         "ver",
     )
 
@@ -76,6 +77,7 @@ class ExecState:
         self.misses = 0  # adaptive: polls at a predicted end that found it still running
         self.eta = math.inf  # adaptive: predicted end
         self.eta_sd = math.inf  # adaptive: its uncertainty (one standard deviation)
+        self.weight = 0.0  # adaptive: sqrt of the hazard it was last scheduled with
 
     def __repr__(self) -> str:
         return f"ExecState({self.execution_id!r}, polls={self.polls}, due={self.due:.1f})"
