@@ -1,11 +1,12 @@
-"""The adaptive policy: one shared staleness threshold, a heap of crossing times, and a floor.
+"""The adaptive policy: predicted ends first, a hazard-weighted round robin with the rest, a floor.
 
-See `monitor.schedule.policy` for the formulas in prose. In short, for every tracked execution:
-- U(t) = expected staleness if we next ask at t = E[(t - End)^+ | End > last poll];
-- due = the time U crosses theta; the heap gives the earliest crossing in O(log n);
-- theta = lambda * P^2 / 2, the staleness a round robin of period P lets unexpected ends reach, so
-  that round robin is the special case and whatever builds up staleness faster goes first;
-- the floor: nobody waits longer than F = alpha * (N + L) / R since its last poll.
+The formulas are in `monitor.schedule.policy`'s docstring. Three heaps with lazy deletion, each
+O(log n) per operation:
+- floor: by last poll; an execution not polled for F = alpha * (N + L) / R goes first;
+- due: by the time the expected staleness of a predicted end crosses theta = kappa * P;
+- round robin: by last poll + its own period P_i = P * mean(sqrt(lambda)) / sqrt(lambda_i), so
+  executions that can end at any moment (no progress) come round more often than those whose
+  end is predicted far away; with one kind of execution it is plain round robin.
 """
 
 from __future__ import annotations
@@ -15,24 +16,29 @@ import math
 from collections import deque
 
 from monitor.records import Outcome
-from monitor.schedule.estimate import (
-    Eta,
-    anchor_is_plausible,
-    fit_eta,
-    fit_eta_origin,
-    staleness_crossing,
-)
-from monitor.schedule.hazard import AgeHazard
+from monitor.schedule.estimate import Eta, anchor_is_plausible, fit_eta, fit_eta_origin, staleness_crossing
 from monitor.schedule.policy import EPS, Policy
 from monitor.schedule.state import ExecState, LazyHeap
 
 _FLOOR_ITERATIONS = 8
+_MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are deferred
 _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
-_PRIOR_END_RATE = 1e-4  # per second: unexpected ends, before any were seen (one pseudo-event)
+_PRIOR_RATE = 1e-4  # ends per second of running, before any were seen (one pseudo-event)
+_MIN_EVENTS = 5  # ends of silent executions needed before their own rate is used
+
+
+class _Ends:
+    """Ends seen and seconds of running observed: their ratio is a hazard rate."""
+
+    __slots__ = ("events", "exposure")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.exposure = 0.0
 
 
 class AdaptivePolicy(Policy):
-    """Polls each execution when its expected staleness crosses a shared, budget-driven threshold."""
+    """Polls predicted ends when due, everything else in a hazard-weighted round robin."""
 
     name = "adaptive"
 
@@ -41,28 +47,28 @@ class AdaptivePolicy(Policy):
         *,
         floor_factor: float = 1.3,
         floor_min_s: float = 2.0,
-        theta_factor: float = 1.0,
-        theta_gain: float = 0.0,
-        age_hazard: float = 0.0,
+        kappa: float = 0.03,
         retry_gap_min_s: float = 2.0,
         retry_growth: float = 1.5,
+        max_rel_sd: float = 0.5,
+        min_progress: float = 10.0,
     ) -> None:
         super().__init__()
         self.floor_factor = floor_factor
         self.floor_min_s = floor_min_s
-        self.theta_factor = theta_factor
-        self.theta_gain = theta_gain
-        self.age_hazard = age_hazard
-        self._theta_scale = 1.0
-        self._weights = 0.0  # sum over tracked executions of sqrt(hazard)
+        self.kappa = kappa
         self.retry_gap_min_s = retry_gap_min_s
         self.retry_growth = retry_growth
+        self.max_rel_sd = max_rel_sd
+        self.min_progress = min_progress
         self._cycle = floor_min_s  # the baseline's round-robin period (N + L) / R, last seen
         self._floor = LazyHeap()  # by last poll: the guarantee
-        self._due = LazyHeap()  # by crossing time
-        self._hazard_all = AgeHazard()  # ends (any outcome) by age, every execution
-        self._hazard_silent = AgeHazard()  # the same, executions that never reported progress
-        self._unexpected = 0  # failed or cancelled: ends that progress does not announce
+        self._due = LazyHeap()  # by crossing time of a predicted end
+        self._round = LazyHeap()  # by last poll + own period (deferred: by due)
+        self._all = _Ends()  # every execution
+        self._silent = _Ends()  # executions that never reported progress
+        self._unexpected = 0  # failed or cancelled ends: no progress announces them
+        self._weights = 0.0  # sum over tracked executions of sqrt(hazard)
         self._left: deque[float] = deque()  # when executions left, over the last F
 
     # -- the floor ---------------------------------------------------------------------------------
@@ -95,39 +101,31 @@ class AdaptivePolicy(Policy):
 
     # -- learning ----------------------------------------------------------------------------------
 
-    def end_rate(self) -> float:
-        """Unexpected ends (failed, cancelled) per second of running: their hazard, lambda."""
-        exposure = self._hazard_all.exposure + 1.0 / _PRIOR_END_RATE
-        return (self._unexpected + 1.0) / exposure
+    def unexpected_rate(self) -> float:
+        """lambda_f: failed or cancelled ends per second of running (progress does not warn of them)."""
+        return (self._unexpected + 1.0) / (self._all.exposure + 1.0 / _PRIOR_RATE)
+
+    def silent_rate(self) -> float:
+        """lambda_s: ends of any kind per second of running, for executions without progress."""
+        ends = self._silent if self._silent.events >= _MIN_EVENTS else self._all
+        return (ends.events + 1.0) / (ends.exposure + 1.0 / _PRIOR_RATE)
 
     def _expose(self, state: ExecState, until: float) -> None:
-        """Record that it was running from the last recorded moment up to `until` (loop time)."""
-        start = state.exposed_to - state.tracked_since
-        end = until - state.tracked_since
-        if end > start:
-            self._hazard_all.expose(start, end)
+        """Count the running time from the last recorded moment up to `until` (loop time)."""
+        seconds = until - state.exposed_to
+        if seconds > 0:
+            self._all.exposure += seconds
             if _silent(state):
-                self._hazard_silent.expose(start, end)
+                self._silent.exposure += seconds
             state.exposed_to = until
 
     def finished(self, state: ExecState, ended_at: float, outcome: Outcome) -> None:
         self._expose(state, ended_at)
-        age = ended_at - state.tracked_since
-        self._hazard_all.event(age)
+        self._all.events += 1
         if _silent(state):
-            self._hazard_silent.event(age)
+            self._silent.events += 1
         if outcome is not Outcome.COMPLETED:
             self._unexpected += 1
-
-    @property
-    def theta(self) -> float:
-        """The expected staleness a token is worth: what a round robin lets a run reach,
-        lambda * P^2 / 2 (P = the round-robin period), times theta_factor. A run with nothing
-        but unexpected ends to fear then crosses exactly once per cycle: round robin is the
-        special case, and whatever staleness builds up faster is served first."""
-        rate = max(self._rate(), 1e-9)
-        stretch = self._cycle * rate / max(self._count, 1)  # (N + L) / N: those that just left
-        return self._theta_scale * self.theta_factor * (self._weights * stretch / rate) ** 2 / 2.0
 
     # -- keys ------------------------------------------------------------------------------------
 
@@ -141,66 +139,82 @@ class AdaptivePolicy(Policy):
         self._predict(state, now)
 
     def _predict(self, state: ExecState, now: float) -> None:
-        """Set eta, eta_sd and due: when the expected staleness U(t) crosses theta."""
+        """Set eta, eta_sd, due (inf without a prediction) and the hazard weight."""
         eta = _estimate(state)
-        last = state.last_poll
-        rate = self.end_rate()
-        theta = self.theta
+        if eta is not None and (
+            eta.sd > self.max_rel_sd * max(eta.at - state.tracked_since, 0.0)
+            or max(p for _, p in state.sample_pairs()) < self.min_progress
+        ):
+            eta = None  # too vague to act on: the round robin will bring a better sample
         if eta is not None:
             state.eta, state.eta_sd = eta.at, eta.sd
-            due = staleness_crossing(theta, last, rate, eta.at, max(eta.sd, _MIN_SD))
+            theta = self.kappa * self._cycle
+            due = staleness_crossing(theta, state.last_poll, 0.0, eta.at, max(eta.sd, _MIN_SD))
+            gap = self.retry_gap_min_s * self.retry_growth**state.misses
+            state.due = max(due, now + gap)
+            hazard = self.unexpected_rate()
         else:
-            state.eta = state.eta_sd = math.inf
-            hazard = self._hazard_silent if _silent(state) and self._hazard_silent.ready else self._hazard_all
-            if hazard.ready and self.age_hazard:
-                age = last - state.tracked_since
-                rate = hazard.rate_at(age)
-                due = state.tracked_since + hazard.crossing(theta, age)
-            else:
-                if hazard.ready:
-                    rate = (hazard.events + 1.0) / (hazard.exposure + 1.0 / _PRIOR_END_RATE)
-                due = staleness_crossing(theta, last, rate, None, 0.0)
-        weight = math.sqrt(rate)
+            state.eta = state.eta_sd = state.due = math.inf
+            hazard = self.silent_rate()
+        weight = math.sqrt(hazard)
         self._weights = max(self._weights + weight - state.weight, 0.0)
         state.weight = weight
-        gap = self.retry_gap_min_s * self.retry_growth**state.misses
-        state.due = max(due, now + gap)
+
+    def _period(self, state: ExecState) -> float:
+        """Its round-robin period: P * mean(sqrt(lambda)) / sqrt(lambda_i)."""
+        if state.weight <= 0.0 or self._count <= 0:
+            return self._cycle
+        return self._cycle * (self._weights / self._count) / state.weight
 
     def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
         state.ver += 1
         self._floor.push(state.last_poll, state)
-        self._due.push(state.due, state)
-        self._floor.compact(self._count)
-        self._due.compact(self._count)
+        self._round.push(state.last_poll + self._period(state), state)
+        if state.due < math.inf:
+            self._due.push(state.due, state)
+        for heap in (self._floor, self._due, self._round):
+            heap.compact(self._count)
 
     # -- choosing ---------------------------------------------------------------------------------
 
     def _pick(self, now: float) -> ExecState | None:
         now += EPS  # ready_at's sums and these differences may disagree in the last bit
+        floor = self.floor_interval(now)
         stalest = self._floor.top()
-        if stalest is not None and stalest[0] <= now - self.floor_interval(now):
+        if stalest is not None and stalest[0] <= now - floor:
             self._floor.pop()
             return stalest[1]
-        top = self._due.top()
-        if top is None:
-            return None
-        if self.theta_gain:
-            step = 1.0 + self.theta_gain if top[0] <= now else 1.0 / (1.0 + self.theta_gain)
-            self._theta_scale = min(max(self._theta_scale * step, 1e-3), 1e6)
-        # A spare token takes the earliest crossing even before it is due.
-        if top[0] <= now or now - top[1].last_poll >= self.floor_min_s:
+        due = self._due.top()
+        if due is not None and due[0] <= now:
             self._due.pop()
-            return top[1]
+            return due[1]
+        return self._pick_round(now, floor)
+
+    def _pick_round(self, now: float, floor: float) -> ExecState | None:
+        """A spare token: round robin, except that an execution due before its floor deadline is
+        deferred to its due time (its predicted poll will come anyway; the token serves another)."""
+        for _ in range(_MAX_DEFERRALS):
+            entry = self._round.top()
+            if entry is None:
+                return None
+            state = entry[1]
+            if now - state.last_poll < self.floor_min_s:
+                return None
+            self._round.pop()
+            if now < state.due <= state.last_poll + floor and entry[0] < state.due:
+                self._round.push(state.due, state)  # same version: still a live entry
+                continue
+            return state
         return None
 
     def _ready_at(self, now: float) -> float:
         at = math.inf
-        stalest = self._floor.top()
-        if stalest is not None:
-            at = stalest[0] + self.floor_interval(now)
-        top = self._due.top()
-        if top is not None:
-            at = min(at, top[0], top[1].last_poll + self.floor_min_s)
+        due = self._due.top()
+        if due is not None:
+            at = due[0]
+        entry = self._round.top()
+        if entry is not None:
+            at = min(at, entry[1].last_poll + self.floor_min_s)
         return at
 
 

@@ -19,6 +19,7 @@ stamps of requests a previous process made (loop time; the store persists them t
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -84,6 +85,7 @@ class Budget:
         self._interval = rate.window_s / rate.limit
         self._pacer = AsyncLimiter(1, self._interval)
         self._stamps: deque[float] = deque(sorted(history))
+        self._horizon_s = rate.window_s  # how long stamps are kept (the longest window used)
         self._in_flight = 0
         self._paused_until = -math.inf
         self._slowed_until = -math.inf
@@ -160,14 +162,17 @@ class Budget:
             return self._paused_until - now
         if now < self._slowed_until and now < self._last_start + 2 * self._interval:
             return self._last_start + 2 * self._interval - now
-        self._forget_before(now - self.rate.window_s)
-        excess = len(self._stamps) + self._in_flight - self.rate.limit + 1
+        self._forget_before(now - self._horizon_s)
+        window = self.rate.window_s
+        first = bisect.bisect_right(self._stamps, now - window)  # stamps still inside (now - T, now]
+        inside = len(self._stamps) - first
+        excess = inside + self._in_flight - self.rate.limit + 1
         if excess <= 0:
             return None
-        if excess > len(self._stamps):
+        if excess > inside:
             return math.inf  # the window is full of requests in flight: wait for one to come back
-        # The window frees up when the excess-th oldest stamp leaves it (stamp <= now - T).
-        return max(self._stamps[excess - 1] + self.rate.window_s - now, _MIN_WAIT_S)
+        # The window frees up when the excess-th oldest stamp inside leaves it (stamp <= now - T).
+        return max(self._stamps[first + excess - 1] + window - now, _MIN_WAIT_S)
 
     def _forget_before(self, horizon: float) -> None:
         stamps = self._stamps
@@ -184,6 +189,18 @@ class Budget:
 
     def _notify(self) -> None:
         self._changed.set()
+
+    def set_rate(self, rate: RateLimit) -> None:
+        """A new limit (a config reload): pacing and the window check follow at once.
+
+        The request log is kept for the longest window ever used, so a longer new window still
+        counts the requests already made.
+        """
+        self.rate = rate
+        self._interval = rate.window_s / rate.limit
+        self._pacer = AsyncLimiter(1, self._interval)
+        self._horizon_s = max(self._horizon_s, rate.window_s)
+        self._notify()
 
     # -- what the server said ----------------------------------------------------------------------
 
@@ -215,8 +232,9 @@ class Budget:
 
     def stats(self) -> BudgetStats:
         now = self._now()
-        self._forget_before(now - self.rate.window_s)
-        used = len(self._stamps) + self._in_flight
+        self._forget_before(now - self._horizon_s)
+        inside = len(self._stamps) - bisect.bisect_right(self._stamps, now - self.rate.window_s)
+        used = inside + self._in_flight
         return BudgetStats(
             limit=self.rate.limit,
             window_s=self.rate.window_s,

@@ -86,8 +86,8 @@ def anchor_is_plausible(samples: Sequence[tuple[float, float]], tracked_since: f
     Anchoring at (tracked_since, 0) sharpens the slope a lot when the monitor saw the start,
     and biases it when it did not (an ID added while already half done).
     """
-    if len(samples) < 3:
-        return samples[0][1] <= 50.0 if samples else True
+    if len(samples) < 2:
+        return True  # nothing to contradict it; the usual case is a run tracked from its start
     free = fit_eta(samples, None)
     if free is None:
         return True

@@ -40,8 +40,8 @@ class ExecState:
         "raw_status",
         "samples",
         "tracked_since",
-        "weight",
         "ver",
+        "weight",
     )
 
     def __init__(
