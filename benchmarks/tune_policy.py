@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from monitor import bench, vtime
 from monitor.schedule.adaptive import AdaptivePolicy
 from monitor.simulator.scenario import load_scenario
 
-CACHE = Path(os.environ.get("TUNE_CACHE", "/tmp/execmon-tune-cache"))
+CACHE = Path(os.environ.get("TUNE_CACHE", Path(tempfile.gettempdir()) / "execmon-tune-cache"))
 
 
 def _quiet() -> None:
@@ -40,7 +41,7 @@ def run_one(path: str, seed: int, policy: str, params: dict[str, float]) -> dict
     key = CACHE / f"{scenario.name}-{seed}-backoff.json"
     if policy == "backoff" and key.exists():
         return dict(json.loads(key.read_text()))
-    factory = (lambda: AdaptivePolicy(**params)) if policy == "adaptive" else "backoff"  # type: ignore[arg-type]
+    factory = (lambda: AdaptivePolicy(**params)) if policy == "adaptive" else "backoff"
     result = vtime.run(bench.run_policy(scenario, factory)).as_json()
     if policy == "backoff":
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,8 @@ def main() -> int:
                 continue
             a, b = pair["adaptive"], pair["backoff"]
             bad += a["http_429"] + a["undetected"] + max(a["max_requests_in_window"] - 30, 0)
-            for k in ratios:
-                ratios[k].append(a[k] / b[k] if b[k] else 1.0)
+            for k, values in ratios.items():
+                values.append(a[k] / b[k] if b[k] else 1.0)
         name = Path(path).stem
         cells = "  ".join(f"{k[:-2]} {_gmean(v):.2f} (worst {max(v):.2f})" for k, v in ratios.items())
         print(f"{name:16} {cells}{'  PROBLEMS ' + str(bad) if bad else ''}")

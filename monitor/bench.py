@@ -12,6 +12,7 @@ never more than N in any T) allows after it ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -230,10 +231,8 @@ async def _sleep_until(loop: asyncio.AbstractEventLoop, at: float) -> None:
 
 
 async def _wait_idle_until(loop: asyncio.AbstractEventLoop, scheduler: Scheduler, horizon: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):  # what is left is reported as undetected
         await asyncio.wait_for(scheduler.wait_idle(), timeout=max(horizon - loop.time(), 0.0))
-    except TimeoutError:
-        pass  # what is left is reported as undetected
 
 
 def bench_policy(scenario: Scenario, policy: str, *, error_rate: float = 0.0) -> PolicyResult:

@@ -68,9 +68,23 @@ def main() -> int:
             started = time.monotonic()
             env = {**os.environ, "EXECMON_API_KEY": KEY}
             watch = subprocess.run(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "monitor", "watch", "-", "--base-url", url, "--rate-limit", RATE,
-                 "--sink", f"jsonl:{results}"],
-                input="\n".join(ids), text=True, env=env, check=False,
+                [
+                    sys.executable,
+                    "-m",
+                    "monitor",
+                    "watch",
+                    "-",
+                    "--base-url",
+                    url,
+                    "--rate-limit",
+                    RATE,
+                    "--sink",
+                    f"jsonl:{results}",
+                ],
+                input="\n".join(ids),
+                text=True,
+                env=env,
+                check=False,
             )
             took = time.monotonic() - started
             lines = results.read_text().splitlines() if results.exists() else []

@@ -157,7 +157,7 @@ class Engine:
             clock,
             history=history,
             on_request_started=lambda t: store.record_request(clock.wall(t)),
-            on_request_done=lambda row, t: self._request_done(row, t),
+            on_request_done=self._request_done,
         )
 
     def _request_done(self, row: object, loop_t: float | None) -> None:
@@ -215,8 +215,7 @@ class Engine:
         deadline_at = None if deadline_s is None else now + deadline_s
         label_map = dict(labels or {})
         requests = [
-            TrackRequest(i, tracked_since=now, deadline_at=deadline_at, group=group, labels=label_map)
-            for i in wanted
+            TrackRequest(i, tracked_since=now, deadline_at=deadline_at, group=group, labels=label_map) for i in wanted
         ]
         added = store.track_many(requests)
         for execution_id in added:
@@ -227,6 +226,10 @@ class Engine:
     def untrack(self, execution_id: str) -> bool:
         self._require_scheduler().untrack(execution_id)
         return self._require_store().untrack(execution_id)
+
+    @property
+    def clock(self) -> Clock:
+        return self._require_clock()
 
     @property
     def store(self) -> Store:

@@ -85,13 +85,17 @@ class Watch:
         self.stats.preload(engine.outcomes(self.ids))
         view = LiveView(self.stats) if self.options.live else None
         with view if view is not None else contextlib.nullcontext():
-            return await self._wait(view)
+            code = await self._wait(view)
+        # The summary comes after the live view has drawn its last frame.
+        return self._finish(self.engine.outcomes(self.ids)) if code is None else code
 
-    async def _wait(self, view: LiveView | None) -> int:
+    async def _wait(self, view: LiveView | None) -> int | None:
+        """Until every ID is terminal and delivered (None), or an early exit code."""
         engine = self.engine
         while True:
             if view is not None:
                 self.stats.budget_used = engine.budget.stats().used
+                self.stats.slowest_eta_s = self._slowest_eta_s()
                 view.refresh()
             if engine.key_rejected_reason is not None:
                 log.error("the API key was rejected (401): set EXECMON_API_KEY to a valid key")
@@ -102,8 +106,20 @@ class Watch:
                 log.error("stopping early (--fail-fast)", outcome=self._failed_early.value)
                 return EXIT_NOT_ALL_COMPLETED
             if len(outcomes) == len(self.ids) and engine.store.pending_count() == 0:
-                return self._finish(outcomes)
+                return None
             await asyncio.sleep(_TICK_S)
+
+    def _slowest_eta_s(self) -> float | None:
+        """Seconds until the latest predicted finish among the running executions, if any is known."""
+        scheduler, now = self.engine.scheduler, self.engine.clock.wall()
+        etas = [
+            float(snap["eta"])
+            for execution_id in self.ids
+            if execution_id not in self.stats.outcomes
+            and (snap := scheduler.snapshot(execution_id)) is not None
+            and isinstance(snap.get("eta"), float)
+        ]
+        return max(0.0, max(etas) - now) if etas else None
 
     def _finish(self, outcomes: dict[str, Outcome]) -> int:
         dead = self.engine.store.dead_letters()
@@ -114,10 +130,14 @@ class Watch:
             log.info("watch finished", **self.stats.summary(counts, dead=len(dead)))
         if dead:
             for row in dead[:10]:
-                log.error("result not delivered (dead letter)", sink=row.sink, event_id=row.event_id,
-                          reason=row.last_error)
-            log.error("some results could not be delivered", dead_letters=len(dead),
-                      hint="`execmon dead-letters --state PATH` lists them; `--retry` sends them again")
+                log.error(
+                    "result not delivered (dead letter)", sink=row.sink, event_id=row.event_id, reason=row.last_error
+                )
+            log.error(
+                "some results could not be delivered",
+                dead_letters=len(dead),
+                hint="`execmon dead-letters --state PATH` lists them; `--retry` sends them again",
+            )
             return EXIT_NOT_ALL_COMPLETED
         if all(o is Outcome.COMPLETED for o in outcomes.values()) and not self.options.rejected:
             return EXIT_OK

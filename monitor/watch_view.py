@@ -40,6 +40,7 @@ class WatchStats:
     progress: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     delays_s: list[float] = field(default_factory=list)
+    slowest_eta_s: float | None = None
 
     def preload(self, outcomes: dict[str, Outcome]) -> None:
         self.outcomes.update(outcomes)
@@ -97,9 +98,7 @@ class LiveView:
     def _render(self) -> Group:
         stats = self.stats
         rows = max(3, self.console.size.height - 6)
-        running = sorted(
-            (i for i in stats.progress if i not in stats.outcomes), key=lambda i: -stats.progress[i]
-        )
+        running = sorted((i for i in stats.progress if i not in stats.outcomes), key=lambda i: -stats.progress[i])
         table = Table.grid(padding=(0, 1))
         for execution_id in running[:rows]:
             pct = stats.progress[execution_id]
@@ -112,11 +111,18 @@ class LiveView:
             if counts.get(outcome.value):
                 totals.append(f"{outcome.value} {counts[outcome.value]}  ", style=style)
         totals.append(
-            f"| budget {stats.budget_used}/{stats.rate.limit} per {stats.rate.window_s:g}s"
-            f" | requests {stats.requests}"
+            f"| budget {stats.budget_used}/{stats.rate.limit} per {stats.rate.window_s:g}s | requests {stats.requests}"
         )
+        if stats.slowest_eta_s is not None:
+            totals.append(f" | slowest ends in ~{_duration(stats.slowest_eta_s)}")
         parts: list[Table | Text] = [table]
         if hidden > 0:
             parts.append(Text(f"... and {hidden} more running", style="dim"))
         parts.append(totals)
         return Group(*parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")

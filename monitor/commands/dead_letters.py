@@ -44,11 +44,23 @@ def run(args: argparse.Namespace) -> int:
         rows = store.dead_letters(args.sink)
     for row in rows:
         if args.json:
-            print(json.dumps({"event_id": row.event_id, "sink": row.sink, "execution_id": row.execution_id,
-                              "attempts": row.attempts, "reason": row.last_error, "record": row.record}))
+            print(
+                json.dumps(
+                    {
+                        "event_id": row.event_id,
+                        "sink": row.sink,
+                        "execution_id": row.execution_id,
+                        "attempts": row.attempts,
+                        "reason": row.last_error,
+                        "record": row.record,
+                    }
+                )
+            )
         else:
-            print(f"{iso_utc(row.updated_at)}  {row.sink:<12} {row.execution_id or row.kind:<24} "
-                  f"attempts={row.attempts}  {row.last_error or ''}")
+            print(
+                f"{iso_utc(row.updated_at)}  {row.sink:<12} {row.execution_id or row.kind:<24} "
+                f"attempts={row.attempts}  {row.last_error or ''}"
+            )
     if not args.json:
         print(f"{len(rows)} dead letter(s) in {path}")
     return 0

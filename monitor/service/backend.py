@@ -54,10 +54,7 @@ class EngineBackend:
         plan = None if row.terminal else self._engine.scheduler.snapshot(row.execution_id)
         last_poll = plan.get("last_poll") if plan and row.polls else None
         next_poll = plan.get("next_poll_at") if plan else None
-        if row.outcome is not None:
-            state = row.outcome.value
-        else:
-            state = "running" if row.polls else "pending"
+        state = row.outcome.value if row.outcome is not None else "running" if row.polls else "pending"
         return {
             "execution_id": row.execution_id,
             "state": state,
