@@ -218,9 +218,7 @@ def _read_secret_file(path: str, key: str, source: str) -> Secret:
     return Secret(value)
 
 
-def _section(
-    name: str, table: Any, source: str, env: Mapping[str, str], flags: Mapping[str, Any]
-) -> dict[str, Any]:
+def _section(name: str, table: Any, source: str, env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, Any]:
     """One section's explicitly given values (flag > environment > file); defaults fill the rest."""
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: key '{name}': expected a table [{name}], found {_show(table)}")
@@ -248,8 +246,7 @@ def _check_pairs(sections: dict[str, dict[str, Any]], source: str) -> None:
     ):
         if by_env in sections[section] and sections[section].get(by_file) is not None:
             raise ConfigError(
-                f"{source}: keys '{section}.{by_env}' and '{section}.{by_file}': "
-                "expected only one of them, found both"
+                f"{source}: keys '{section}.{by_env}' and '{section}.{by_file}': expected only one of them, found both"
             )
     polling = PollingConfig(**sections["polling"])
     for low, high in (
@@ -273,9 +270,7 @@ def _parse_sink(index: int, table: Any, source: str) -> SinkConfig:
     options = {k: v for k, v in table.items() if k not in SINK_KEYS}
     sink = SinkConfig(index=index, source=source, options=options, **common)
     if sink.backoff_cap_s < sink.backoff_base_s:
-        raise sink.error(
-            "backoff_cap_s", f"a value >= backoff_base_s ({sink.backoff_base_s:g})", sink.backoff_cap_s
-        )
+        raise sink.error("backoff_cap_s", f"a value >= backoff_base_s ({sink.backoff_base_s:g})", sink.backoff_cap_s)
     return sink
 
 

@@ -102,9 +102,7 @@ def _renderer(fmt: str, stream: TextIO) -> Processor:
     if fmt == "json":
         return structlog.processors.JSONRenderer()
     # Tracebacks were already formatted (and redacted) as text: print them plainly, no rich locals.
-    return structlog.dev.ConsoleRenderer(
-        colors=_is_terminal(stream), exception_formatter=structlog.dev.plain_traceback
-    )
+    return structlog.dev.ConsoleRenderer(colors=_is_terminal(stream), exception_formatter=structlog.dev.plain_traceback)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:

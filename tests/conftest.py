@@ -21,3 +21,13 @@ def _close_stray_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
     if loop is not None and not loop.is_running() and not loop.is_closed():
         loop.close()
         policy.set_event_loop(None)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Tests that run a command in-process configure logging (level, renderer); undo it after each
+    test so that the next one sees structlog's defaults (capture_logs depends on that)."""
+    yield
+    from monitor.logs import reset_logging
+
+    reset_logging()

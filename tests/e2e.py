@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -464,3 +465,193 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: fl
 def wait_for_lines(path: Path, count: int, timeout_s: float) -> bool:
     """Wait until `path` holds at least `count` lines (checked often, to act right after a write)."""
     return wait_until(lambda: count_lines(path) >= count, timeout_s, interval_s=0.005)
+
+
+# -- execmon run (the daemon) and its client commands ------------------------------------------
+
+CONTROL_TOKEN = "e2e-control-token-7731"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the daemon binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def toml_value(value: object) -> str:
+    """A TOML scalar or array (JSON's spelling is valid TOML for these)."""
+    if isinstance(value, Path):
+        value = str(value)
+    return json.dumps(value)
+
+
+def write_daemon_config(
+    path: Path,
+    sim: Sim,
+    *,
+    port: int,
+    state: Path,
+    sinks: Sequence[dict[str, Any]],
+    rate: str = RATE,
+    api_key_file: Path | None = None,
+    api: dict[str, Any] | None = None,
+    control: dict[str, Any] | None = None,
+    polling: dict[str, Any] | None = None,
+) -> Path:
+    """A config for `execmon run`: the simulator as the API, control API on 127.0.0.1:`port`,
+    token from $EXECMON_CONTROL_TOKEN, the key from $EXECMON_API_KEY unless `api_key_file`."""
+    key = f"api_key_file = {toml_value(api_key_file)}" if api_key_file else 'api_key_env = "EXECMON_API_KEY"'
+    lines = ["[api]", f"base_url = {toml_value(sim.url)}", key, f"rate_limit = {toml_value(rate)}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (api or {}).items()]
+    lines += ["[state]", f"path = {toml_value(state)}"]
+    lines += ["[control]", f'listen = "127.0.0.1:{port}"', 'token_env = "EXECMON_CONTROL_TOKEN"']
+    lines += [f"{k} = {toml_value(v)}" for k, v in (control or {}).items()]
+    if polling:
+        lines += ["[polling]", *(f"{k} = {toml_value(v)}" for k, v in polling.items())]
+    for sink in sinks:
+        lines += ["[[sinks]]", *(f"{k} = {toml_value(v)}" for k, v in sink.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A clean environment with the test's API key and control token."""
+    return clean_env({"EXECMON_API_KEY": API_KEY, "EXECMON_CONTROL_TOKEN": CONTROL_TOKEN, **(extra or {})})
+
+
+@dataclass
+class HttpAnswer:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(
+    method: str, url: str, *, body: object = None, data: bytes | None = None, token: str | None = None
+) -> HttpAnswer:
+    """One request with urllib; an HTTP error status is returned, not raised."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if body is not None:
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as answer:
+            return HttpAnswer(int(answer.status), answer.read(), dict(answer.headers))
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return HttpAnswer(exc.code, exc.read(), dict(exc.headers))
+
+
+class DaemonProc:
+    """`execmon run --config FILE` as a child process; stdout/stderr appended to `<name>.out/.err`.
+
+    Every start of the same name appends to the same files; `stderr()` is this start's part only.
+    Leaving the `with` block SIGKILLs it if it still runs.
+    """
+
+    def __init__(
+        self, config: Path, port: int, *, tmp: Path, env: dict[str, str] | None = None, name: str = "daemon"
+    ) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.out_path = tmp / f"{name}.out"
+        self.err_path = tmp / f"{name}.err"
+        self._err_start = self.err_path.stat().st_size if self.err_path.exists() else 0
+        self.started = time.monotonic()
+        with self.out_path.open("a") as out, self.err_path.open("a") as err:
+            self.proc = subprocess.Popen(
+                execmon("run", "--config", str(config)),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env if env is not None else daemon_env(),
+                text=True,
+            )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.kill()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.err_path.read_bytes()[self._err_start :].decode(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """This start's structured log lines (JSON on a pipe)."""
+        return parse_json_lines(self.stderr(), "daemon stderr")
+
+    def health(self) -> HttpAnswer | None:
+        """GET /healthz, or None while nothing answers."""
+        try:
+            return http("GET", self.url + "/healthz")
+        except OSError:
+            return None
+
+    def wait_healthy(self, timeout_s: float = 15.0) -> None:
+        def healthy() -> bool:
+            assert self.running(), f"the daemon exited {self.proc.returncode}: {self.stderr()[-2000:]}"
+            answer = self.health()
+            return answer is not None and answer.status == 200
+
+        assert wait_until(healthy, timeout_s, 0.05), f"not healthy in {timeout_s} s: {self.stderr()[-2000:]}"
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        data: bytes | None = None,
+        token: str | None = CONTROL_TOKEN,
+    ) -> HttpAnswer:
+        """A control API request (with the test's token unless `token=None`); `data`: a raw body."""
+        return http(method, self.url + path, body=body, data=data, token=token)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL (no chance to clean up), then reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def wait(self, timeout_s: float) -> int:
+        """Its exit status; fails (after a SIGKILL) if it is still running after `timeout_s`."""
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the daemon did not exit in {timeout_s} s: {self.stderr()[-2000:]}") from None
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout_s: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """`execmon ARGS` (add, ls, status, rm, run ...) to its end; never a traceback."""
+    result = subprocess.run(
+        execmon(*args),
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env if env is not None else daemon_env(),
+        timeout=timeout_s,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, f"execmon {' '.join(args)} crashed: {result.stderr[-3000:]}"
+    return result

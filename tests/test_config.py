@@ -138,9 +138,7 @@ def test_flags_accept_text_and_typed_values() -> None:
 
 
 def test_durations_in_the_file(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path, '[polling]\ndeadline_s = "2h"\nmax_interval_s = 45\n[control]\ngrace_s = "1.5s"\n'
-    )
+    path = _write(tmp_path, '[polling]\ndeadline_s = "2h"\nmax_interval_s = 45\n[control]\ngrace_s = "1.5s"\n')
     config = load_config(path, env={})
     assert (config.polling.deadline_s, config.polling.max_interval_s, config.control.grace_s) == (
         7200,
@@ -286,9 +284,7 @@ def test_api_key_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "key.txt").write_text("sk_test_from_file_77\n", encoding="utf-8")
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
     path = _write(tmp_path, f'[api]\napi_key_file = "{tmp_path / "key.txt"}"\n')
-    assert (
-        load_config(path, env={"EXECMON_API_KEY": "ignored_key"}).api_key().reveal() == "sk_test_from_file_77"
-    )
+    assert load_config(path, env={"EXECMON_API_KEY": "ignored_key"}).api_key().reveal() == "sk_test_from_file_77"
     missing = _write(tmp_path, f'[api]\napi_key_file = "{tmp_path / "gone.txt"}"\n', "m.toml")
     with pytest.raises(ConfigError, match=r"key 'api.api_key_file': cannot read .*gone\.txt"):
         load_config(missing, env={}).api_key()

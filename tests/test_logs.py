@@ -193,9 +193,7 @@ def test_capture_logs_still_works_after_configuration() -> None:
     assert logs == [{"event": "captured", "k": 1, "log_level": "info"}]
 
 
-@pytest.mark.parametrize(
-    ("given", "expected"), [("DEBUG", "debug"), ("Warn", "warning"), (" error ", "error")]
-)
+@pytest.mark.parametrize(("given", "expected"), [("DEBUG", "debug"), ("Warn", "warning"), (" error ", "error")])
 def test_level_names_are_normalised(given: str, expected: str) -> None:
     assert check_level(given) == expected
 

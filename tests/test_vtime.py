@@ -32,8 +32,12 @@ def test_timers_fire_in_order_at_their_times() -> None:
         start = loop.time()
         fired: list[tuple[str, float]] = []
         done = loop.create_future()
+
+        def fire(name: str) -> None:
+            fired.append((name, loop.time() - start))
+
         for name, delay in (("c", 30.0), ("a", 10.0), ("b", 20.0)):
-            loop.call_later(delay, lambda n=name: fired.append((n, loop.time() - start)))
+            loop.call_later(delay, fire, name)
         loop.call_later(40.0, done.set_result, None)
         await done
         return fired

@@ -84,13 +84,9 @@ def check_base_url(base_url: str) -> URL:
     except (TypeError, ValueError) as exc:
         raise UsageError(f"base URL {shown} is not a URL ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise UsageError(
-            f"base URL {shown} must be http:// or https:// with a host, e.g. http://127.0.0.1:8080"
-        )
+        raise UsageError(f"base URL {shown} must be http:// or https:// with a host, e.g. http://127.0.0.1:8080")
     if url.user is not None or url.password is not None:
-        raise UsageError(
-            f"base URL for host {url.host} must not contain credentials; the key goes in the API key"
-        )
+        raise UsageError(f"base URL for host {url.host} must not contain credentials; the key goes in the API key")
     if url.raw_query_string or url.raw_fragment:
         raise UsageError(f"base URL {shown} must not have a query or a fragment")
     return url
@@ -168,7 +164,7 @@ class ExecutionsClient:
             session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
             # aiohttp silently re-sends an idempotent request once when a kept-alive connection drops;
             # every request costs budget at the server, so the budget must see each one: no hidden retry.
-            session._retry_connection = False  # noqa: SLF001 - no public switch exists (aiohttp 3.14)
+            session._retry_connection = False  # no public switch exists (aiohttp 3.14)
             self._session = session
         return self._session
 
@@ -191,9 +187,7 @@ class ExecutionsClient:
         session = self._get_session()
         try:
             # No redirects: a 3xx is unexpected here, and following it could carry the key elsewhere.
-            async with session.get(
-                url, headers=headers, timeout=self._timeout, allow_redirects=False
-            ) as resp:
+            async with session.get(url, headers=headers, timeout=self._timeout, allow_redirects=False) as resp:
                 exchange.status_code = resp.status
                 return await self._interpret(execution_id, resp)
         except ApiError:
@@ -210,15 +204,11 @@ class ExecutionsClient:
             detail = f"no complete answer from {target} within {self._timeout.total:g} s"
             return TransientError(TransientReason.TIMEOUT, detail)
         if isinstance(exc, aiohttp.ClientConnectorError):
-            return TransientError(
-                TransientReason.CONNECTION, f"cannot connect to {target} ({_why(exc.os_error)})"
-            )
+            return TransientError(TransientReason.CONNECTION, f"cannot connect to {target} ({_why(exc.os_error)})")
         if isinstance(exc, aiohttp.ClientPayloadError):
             return TransientError(TransientReason.CONNECTION, f"answer from {target} cut short ({_why(exc)})")
         if isinstance(exc, aiohttp.ClientResponseError):
-            return TransientError(
-                TransientReason.CONNECTION, f"malformed HTTP answer from {target} ({_why(exc)})"
-            )
+            return TransientError(TransientReason.CONNECTION, f"malformed HTTP answer from {target} ({_why(exc)})")
         return TransientError(TransientReason.CONNECTION, f"connection to {target} failed ({_why(exc)})")
 
     async def _interpret(self, execution_id: str, resp: aiohttp.ClientResponse) -> StatusRecord:
@@ -236,9 +226,7 @@ class ExecutionsClient:
         if status == 404:
             return ExecutionNotFound(execution_id)
         if status == 429:
-            return Throttled(
-                parse_retry_after(resp.headers.get("Retry-After"), self._now_for(resp), self._cap)
-            )
+            return Throttled(parse_retry_after(resp.headers.get("Retry-After"), self._now_for(resp), self._cap))
         if 500 <= status <= 599:
             return TransientError(TransientReason.SERVER_ERROR, f"server answered HTTP {status}")
         return TransientError(TransientReason.UNEXPECTED_STATUS, f"server answered HTTP {status}")
@@ -314,9 +302,7 @@ class _Exchange:
     status_code: int | None = None
 
 
-def _log_request(
-    execution_id: str, status_code: int | None, latency_s: float, error: ApiError | None
-) -> None:
+def _log_request(execution_id: str, status_code: int | None, latency_s: float, error: ApiError | None) -> None:
     outcome = "ok" if error is None else _outcome_name(error)
     log.debug(
         "status request",

@@ -71,9 +71,7 @@ def parse_status(execution_id: str, payload: object) -> StatusRecord:
     or when it names a different execution.
     """
     if not isinstance(payload, dict):
-        raise TransientError(
-            TransientReason.BAD_SHAPE, f"expected a JSON object, got {type(payload).__name__}"
-        )
+        raise TransientError(TransientReason.BAD_SHAPE, f"expected a JSON object, got {type(payload).__name__}")
     raw_status = payload.get("status")
     if not isinstance(raw_status, str):
         raise TransientError(TransientReason.BAD_SHAPE, "the JSON object has no string 'status'")

@@ -1,12 +1,13 @@
 """The adaptive policy: predicted ends first, a hazard-weighted round robin with the rest, a floor.
 
 The formulas are in `monitor.schedule.policy`'s docstring. Three heaps with lazy deletion, each
-O(log n) per operation:
+O(log n) per operation, so a choice never scans the tracked executions:
 - floor: by last poll; an execution not polled for F = alpha * (N + L) / R goes first;
 - due: by the time the expected staleness of a predicted end crosses theta = kappa * P;
 - round robin: by last poll + its own period P_i = P * mean(sqrt(lambda)) / sqrt(lambda_i), so
   executions that can end at any moment (no progress) come round more often than those whose
   end is predicted far away; with one kind of execution it is plain round robin.
+Updating an execution after an answer is O(samples + log n): at most 12 samples are kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from collections import deque
 
 from monitor.records import Outcome
-from monitor.schedule.estimate import Eta, anchor_is_plausible, fit_eta, fit_eta_origin, staleness_crossing
+from monitor.schedule.estimate import PRIOR_NOISE, Eta, anchor_is_plausible, fit_eta, fit_eta_origin, gaussian_crossing
 from monitor.schedule.policy import EPS, Policy
 from monitor.schedule.state import ExecState, LazyHeap
 
@@ -76,8 +77,8 @@ class AdaptivePolicy(Policy):
     def floor_interval(self, now: float) -> float:
         """F = alpha * (N + L) / R, L = executions that left within the last F (largest fixed point).
 
-        A round-robin cycle that began before they left had to visit them too, so a shrinking N
-        does not make everybody overdue at once; (N + L) / R is about the baseline's own cycle.
+        (N + L) / R is about the baseline's own round-robin cycle: a cycle that began before they
+        left had to visit them too, so a shrinking N does not make everybody overdue at once.
         """
         rate = max(self._rate(), 1e-9)
         left = self._left
@@ -134,8 +135,8 @@ class AdaptivePolicy(Policy):
 
     def _on_running(self, state: ExecState, now: float) -> None:
         self._expose(state, now)
-        if now >= state.eta - state.eta_sd:
-            state.misses += 1  # asked where its end was expected, and it is still going
+        if math.isfinite(state.eta) and now >= state.due - EPS:
+            state.misses += 1  # asked because its end was due, and it is still going
         self._predict(state, now)
 
     def _predict(self, state: ExecState, now: float) -> None:
@@ -149,7 +150,7 @@ class AdaptivePolicy(Policy):
         if eta is not None:
             state.eta, state.eta_sd = eta.at, eta.sd
             theta = self.kappa * self._cycle
-            due = staleness_crossing(theta, state.last_poll, 0.0, eta.at, max(eta.sd, _MIN_SD))
+            due = gaussian_crossing(theta, eta.at, max(eta.sd, _MIN_SD), state.last_poll)
             gap = self.retry_gap_min_s * self.retry_growth**state.misses
             state.due = max(due, now + gap)
             hazard = self.unexpected_rate()
@@ -224,9 +225,22 @@ def _estimate(state: ExecState) -> Eta | None:
     pairs = [(t, p) for t, p in state.sample_pairs() if 0 < p < 99]
     if not pairs:
         return None
-    if anchor_is_plausible(pairs, state.tracked_since):
-        return fit_eta_origin(pairs, state.tracked_since)
-    return fit_eta(pairs, None)
+    if not anchor_is_plausible(pairs, state.tracked_since):
+        return fit_eta(pairs, None)
+    eta = fit_eta_origin(pairs, state.tracked_since)
+    if eta is None:
+        return None
+    # Progress never runs ahead of time by more than its noise: each sample bounds the duration,
+    # D <= 100 (t - t0) / (p - 2 s). Runs that report at checkpoints lag behind the line, and the
+    # fit then predicts late; the bound catches that.
+    margin = 3.0 * PRIOR_NOISE  # not the residuals: a staircase has large ones, its noise need not
+    bound = min(
+        (100.0 * (t - state.tracked_since) / (p - margin) for t, p in pairs if p > margin + 5.0),
+        default=math.inf,
+    )
+    if state.tracked_since + bound < eta.at:
+        return Eta(at=state.tracked_since + bound, sd=eta.sd, slope=100.0 / bound, noise=eta.noise)
+    return eta
 
 
 def _silent(state: ExecState) -> bool:

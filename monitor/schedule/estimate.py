@@ -2,10 +2,10 @@
 
 - `fit_eta`: a least-squares line through the progress samples, anchored at (tracked_since, 0),
   solved for progress = 100, with the standard error of that inverse prediction.
-- `staleness` / `staleness_crossing`: when the expected staleness of an execution last seen
-  running at L, U(t) = E[(t - End)^+ | End > L] (how late we would be, on average, if we asked
-  at t), reaches a threshold theta. Polling each execution when U crosses one shared theta is the
-  optimal use of a fixed number of polls (Olston and Pandey, WWW 2008).
+- `gaussian_overshoot` / `gaussian_crossing`: the expected staleness of a run last seen going at
+  L whose end is ~ N(eta, sd^2), U(t) = E[(t - End)^+ | End > L] (how late we would be, on
+  average, if we asked at t), and when it reaches a threshold theta. Polling when U crosses one
+  shared theta is the best use of a fixed number of polls (Olston and Pandey, WWW 2008).
 """
 
 from __future__ import annotations
@@ -117,32 +117,18 @@ def gaussian_overshoot(t: float, mu: float, sd: float, lower: float) -> float:
     return max(inside / tail, 0.0)
 
 
-def staleness(t: float, last: float, rate: float, mu: float | None, sd: float) -> float:
-    """U(t) for a run last seen going at `last`: unexpected ends at a constant `rate` (lambda),
-    plus, when it reports progress, its predicted end ~ N(mu, sd^2):
-        U(t) = rate * (t - last)^2 / 2 + E[(t - End)^+ | End > last]."""
-    if t <= last:
-        return 0.0
-    value = rate * (t - last) ** 2 / 2.0
-    if mu is not None:
-        value += gaussian_overshoot(t, mu, sd, last)
-    return value
-
-
-def staleness_crossing(theta: float, last: float, rate: float, mu: float | None, sd: float) -> float:
-    """The earliest t > last with staleness(t) >= theta (U is increasing; bisection)."""
-    if mu is None:
-        return last + math.sqrt(2.0 * theta / max(rate, 1e-12))  # closed form without progress
-    low = last
+def gaussian_crossing(theta: float, mu: float, sd: float, lower: float) -> float:
+    """The earliest t > lower with gaussian_overshoot(t) >= theta (it increases with t; bisection)."""
+    low = lower
     step = max(sd, 1.0)
-    high = max(last, mu) + step
-    while staleness(high, last, rate, mu, sd) < theta:
+    high = max(lower, mu) + step
+    while gaussian_overshoot(high, mu, sd, lower) < theta:
         low, high = high, high + step
         step *= 2.0
-    tolerance = max(0.1, 0.005 * sd, 0.001 * (high - last))
+    tolerance = max(0.1, 0.005 * sd)
     while high - low > tolerance:
         middle = (low + high) / 2.0
-        if staleness(middle, last, rate, mu, sd) >= theta:
+        if gaussian_overshoot(middle, mu, sd, lower) >= theta:
             high = middle
         else:
             low = middle

@@ -11,31 +11,42 @@ backoff (the baseline)
     second) and an end is noticed N / (2R) seconds late on average.
 
 adaptive (the default; monitor/schedule/adaptive.py)
-    Spends each token where the expected staleness is largest (Olston and Pandey, WWW 2008: for a
-    fixed number of polls, poll each item when its expected staleness crosses one shared
-    threshold). For an execution last seen running at L, the expected staleness of asking at t is
-        U(t) = lambda * (t - L)^2 / 2 + E[(t - End)^+ | End > L]
-    - lambda, the rate of unexpected ends (failed, cancelled: no progress announces them), is
-      learned: (unexpected ends + 1) / (seconds of running observed + 10^4);
-    - with progress, End ~ N(eta, sd^2) from a least-squares line through the progress samples
-      (through (tracked_since, 0) when that is plausible: p = b (t - t0), eta = t0 + 100 / b,
-      sd = 100 s / (b^2 sqrt(sum (t - t0)^2)), s the residual noise shrunk toward 2 points;
-      otherwise p = a + b t, eta = (100 - a) / b, the smoothed form of Hadoop LATE's
-      eta = t2 + (100 - p2) (t2 - t1) / (p2 - p1)); 0 and 99 are clamped values and left out;
-      E[(t - End)^+ | End > L] = [(t - eta)(Phi(b) - Phi(a)) + sd (phi(b) - phi(a))] / (1 - Phi(a)),
-      a = (L - eta) / sd, b = (t - eta) / sd;
-    - without progress, the hazard of ending at each age (log-spaced bins, ends / seconds of
-      running observed at that age: censoring-aware, learned from the executions seen so far)
-      gives U by integrating the conditional end probability.
-    due = the t where U(t) = theta. A heap of due times gives the largest staleness first. theta
-    follows the budget: x(1 + step) per token while due times pile up, x(1 - step) while tokens
-    find nothing due; a spare token takes the earliest crossing anyway.
-    After a poll that finds it still running at or past eta - sd ("a miss"), the next poll is at
-    least retry_gap_min_s * retry_growth^misses away (a run stuck at 99% does not eat the budget).
-    The floor: nobody waits longer than F = alpha * (N + L) / R since its last poll (L = those
-    that left within the last F, so F follows the baseline's own cycle even while N shrinks);
-    a floor-overdue execution goes first. Failures come without warning: F bounds their delay
-    to about alpha times the baseline's.
+    Polls a predicted end when it is due, spends the other tokens in a hazard-weighted round robin,
+    and keeps a floor. Each token goes, in this order, to:
+    1. the floor: the execution polled longest ago, if that was at least
+           F = alpha * P,  P = (N + L) / R      (alpha = floor_factor, default 1.3)
+       ago. P = (N + L) / R is about the baseline's own round-robin period: N tracked, L those
+       that left within the last F (largest fixed point), so F follows it while N shrinks.
+       Failures and cancellations come without warning; F bounds their detection delay.
+    2. a predicted end whose due time has come. With progress samples (p_i at t_i), a least-
+       squares line through (tracked_since, 0) when plausible:
+           p = b (t - t0),  eta = t0 + 100 / b,  sd = 100 s / (b^2 sqrt(sum (t_i - t0)^2))
+       (otherwise p = a + b t, eta = (100 - a) / b, the smoothed form of Hadoop LATE's
+       eta = t2 + (100 - p2) (t2 - t1) / (p2 - p1)); s is the residual noise shrunk toward
+       2 points; 0 and 99 are clamped answers and left out. Progress never runs ahead of time
+       by more than its noise, so each sample bounds the duration, D <= 100 (t_i - t0) / (p_i - 4),
+       and eta = min(eta, t0 + that bound): runs that report at checkpoints lag behind any line
+       and would be predicted late. An eta is used once some sample shows >= 10 % and
+       sd <= 0.5 (eta - t0) (vaguer ones would only waste polls). The expected staleness of
+       asking at t, for a run last seen going at L whose end is ~ N(eta, sd^2), is
+           U(t) = E[(t - End)^+ | End > L]
+                = [(t - eta)(Phi(b) - Phi(a)) + sd (phi(b) - phi(a))] / (1 - Phi(a)),
+           a = (L - eta) / sd,  b = (t - eta) / sd,
+       and the execution is due when U(t) = theta = kappa * P (kappa = 0.03, P = (N + L) / R):
+       one threshold for all, as Olston and Pandey (WWW 2008) show is best for a fixed number
+       of polls. After a poll at its due time that finds it still running ("a miss"), it
+       waits at least retry_gap_min_s * retry_growth^misses (a run stuck at 99 % does not eat
+       the budget).
+    3. the round robin (a spare token): the smallest last_poll + P_i, with
+           P_i = P * mean_j(sqrt(lambda_j)) / sqrt(lambda_i)
+       (the square-root rule: poll rate proportional to the square root of the hazard). lambda is
+       learned: for executions with progress, the rate of unexpected ends (failed, cancelled) per
+       second of running; for those without, the rate of any end. So runs that may end at any
+       moment come round more often than runs whose end is predicted far away; with one kind of
+       execution it is plain round robin. An execution due before its floor deadline is skipped
+       here: its predicted poll comes anyway.
+    Polls at a predicted end replace the round-robin poll that would have found it ended, so only
+    the misses cost the others; the floor caps what they may cost.
 """
 
 from __future__ import annotations

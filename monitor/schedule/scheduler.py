@@ -220,9 +220,10 @@ class Scheduler:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Poll until `stop()` (which drains in-flight polls) or until cancelled."""
-        self._stopping = False
-        self._drained.clear()
+        """Poll until `stop()` (which drains in-flight polls) or until cancelled. Runs once:
+        after a stop (even one that came before `run` started) it returns at once."""
+        if self._stopping:
+            return
         self._slots = asyncio.Semaphore(self._max_in_flight)
         self._inner = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._watch_deadlines())]
         try:

@@ -1,0 +1,130 @@
+"""`execmon bench`: the real scheduler, client and simulator on virtual time, and the oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from monitor import bench, vtime
+from monitor.cli import main
+from monitor.rates import RateLimit
+from monitor.simulator.scenario import PlannedExecution, ProgressModel, load_scenario
+
+SMALL = """
+name = "small"
+seed = 4
+rate_limit = "30/60s"
+
+[[groups]]
+count = 24
+arrival = { from_s = 0, to_s = 30 }
+duration = { dist = "uniform", min_s = 60, max_s = 400 }
+outcomes = { completed = 0.8, failed = 0.1, cancelled = 0.1 }
+progress = { model = "linear", noise = 1.5 }
+
+[[groups]]
+count = 8
+arrival = { from_s = 0, to_s = 200 }
+duration = { dist = "fixed", s = 150 }
+progress = { model = "none" }
+not_found = 0.5
+"""
+
+KEYS = {
+    "mean_s",
+    "p50_s",
+    "p90_s",
+    "p99_s",
+    "max_s",
+    "requests",
+    "requests_per_execution",
+    "http_429",
+    "max_requests_in_window",
+    "undetected",
+}
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL, encoding="utf-8")
+    return path
+
+
+def planned(execution_id: str, arrival: float, end: float, *, exists: bool = True) -> PlannedExecution:
+    return PlannedExecution(execution_id, arrival, end, "completed", end, ProgressModel("none"), exists=exists)
+
+
+def test_percentiles_interpolate_like_numpy() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert bench.percentile(values, 0.5) == pytest.approx(50.5)
+    assert bench.percentile(values, 0.99) == pytest.approx(99.01)
+    assert bench.percentile([7.0], 0.9) == 7.0
+    assert bench.percentile([], 0.5) == 0.0
+
+
+def test_oracle_polls_once_at_the_first_token_after_each_end() -> None:
+    plan = [
+        planned("exec_a", 0, 100),
+        planned("exec_b", 0, 100),
+        planned("exec_c", 50, 60),
+        planned("x", 0, 5, exists=False),
+    ]
+    result = bench.oracle(plan, RateLimit(30, 60.0))
+    # Ends at 100, 100, 110: tokens at 100, 102 (2 s apart), 110.
+    assert result.mean_s == pytest.approx((0 + 2 + 0) / 3)
+    assert result.max_s == pytest.approx(2.0)
+    assert result.requests == 3
+    assert result.not_found == 1
+    assert result.max_requests_in_window <= 30
+
+
+def test_both_policies_detect_everything_within_the_budget(small: Path) -> None:
+    scenario = load_scenario(small)
+    plan = scenario.plan()
+    missing = sum(1 for p in plan if not p.exists)
+    assert missing > 0
+    for policy in ("backoff", "adaptive"):
+        result = bench.bench_policy(scenario, policy)
+        assert result.undetected == 0
+        assert result.not_found == missing
+        assert result.http_429 == 0
+        assert result.max_requests_in_window <= 30
+        assert 0 < result.mean_s <= result.p90_s <= result.max_s
+        assert result.requests >= len(plan)
+
+
+def test_bench_survives_server_errors(small: Path) -> None:
+    scenario = load_scenario(small)
+    result = vtime.run(bench.run_policy(scenario, "adaptive", error_rate=0.2))
+    assert result.undetected == 0
+    assert result.http_429 == 0
+
+
+def test_cli_json_has_the_contract_shape(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--scenario", str(small), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scenario"] == "small"
+    assert set(out["policies"]) == {"backoff", "adaptive", "oracle"}
+    for row in out["policies"].values():
+        assert set(row) == KEYS
+
+
+def test_cli_table_shows_the_ratio(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--scenario", str(small), "--policy", "adaptive", "--policy", "backoff"]) == 0
+    out = capsys.readouterr().out
+    assert "adaptive/backoff" in out
+    assert "oracle" in out
+
+
+def test_cli_one_policy_only(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--scenario", str(small), "--policy", "backoff", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["policies"]) == {"backoff", "oracle"}
+
+
+def test_cli_bad_scenario_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--scenario", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read scenario file" in capsys.readouterr().err

@@ -1,0 +1,304 @@
+"""Policies and their formulas, at unit level (no loop, no server)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from monitor.records import Outcome
+from monitor.schedule.adaptive import AdaptivePolicy
+from monitor.schedule.estimate import (
+    anchor_is_plausible,
+    fit_eta,
+    fit_eta_origin,
+    gaussian_crossing,
+    gaussian_overshoot,
+)
+from monitor.schedule.policy import BackoffPolicy, Policy, make_policy
+from monitor.schedule.state import MAX_SAMPLES, ExecState, LazyHeap
+
+
+def add(policy: Policy, name: str, now: float) -> ExecState:
+    state = ExecState(name, now)
+    policy.add(state, now)
+    return state
+
+
+def answer_running(policy: Policy, state: ExecState, now: float, progress: int | None = None) -> None:
+    """What the scheduler does with a "running" answer."""
+    state.polls += 1
+    state.last_poll = now
+    if progress is not None:
+        state.add_sample(now, progress)
+    policy.polled(state, now)
+
+
+# -- backoff ---------------------------------------------------------------------------------------
+
+
+def test_backoff_cadence_is_the_vendor_pages() -> None:
+    policy = BackoffPolicy()
+    state = add(policy, "exec_a", 0.0)
+    now, polls = 0.0, []
+    for _ in range(14):
+        assert policy.ready_at(now) == pytest.approx(now)
+        chosen = policy.choose(now)
+        assert chosen is state
+        polls.append(now)
+        answer_running(policy, state, now)
+        now = policy.ready_at(now)
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
+    expected = [min(1.0 * 1.5**i, 30.0) for i in range(len(gaps))]
+    assert gaps == pytest.approx(expected)
+    assert gaps[-1] == 30.0
+
+
+def test_backoff_serves_fifo_by_due_time_and_nothing_early() -> None:
+    policy = BackoffPolicy()
+    a, b = add(policy, "exec_a", 0.0), add(policy, "exec_b", 0.5)
+    assert policy.choose(0.0) is a  # b is not due before 0.5
+    assert policy.choose(0.1) is None
+    assert policy.choose(0.6) is b
+    answer_running(policy, a, 0.2)  # a: next at 1.2
+    answer_running(policy, b, 0.7)  # b: next at 1.7
+    assert policy.choose(5.0) is a
+    assert policy.choose(5.0) is b
+    assert policy.choose(5.0) is None  # both are out (in flight) until answered
+
+
+def test_a_held_execution_comes_back_at_its_time_first() -> None:
+    policy = BackoffPolicy()
+    a, b = add(policy, "exec_a", 0.0), add(policy, "exec_b", 0.0)
+    assert policy.choose(0.0) is a
+    policy.hold(a, 10.0)  # e.g. an error retry
+    assert policy.choose(1.0) is b
+    assert policy.choose(9.0) is None
+    assert policy.ready_at(9.0) == pytest.approx(10.0)
+    assert policy.choose(10.0) is a
+
+
+def test_removed_executions_are_never_chosen() -> None:
+    policy = BackoffPolicy()
+    a, b = add(policy, "exec_a", 0.0), add(policy, "exec_b", 0.0)
+    a.live = False
+    policy.remove(a, 0.0)
+    assert policy.choose(1.0) is b
+    assert policy.choose(1.0) is None
+    assert policy.count == 1
+
+
+def test_make_policy() -> None:
+    assert make_policy("backoff").name == "backoff"
+    assert make_policy("adaptive").name == "adaptive"
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("fastest")
+
+
+# -- estimators ------------------------------------------------------------------------------------
+
+
+def test_fit_through_the_origin_recovers_a_linear_run() -> None:
+    samples = [(100.0 + x, 100.0 * x / 600.0) for x in (60.0, 240.0, 420.0)]
+    eta = fit_eta_origin(samples, 100.0)
+    assert eta is not None
+    assert eta.at == pytest.approx(700.0)
+    assert eta.slope == pytest.approx(100.0 / 600.0)
+
+
+def test_free_fit_matches_hadoop_late_for_two_samples() -> None:
+    (t1, p1), (t2, p2) = (1000.0, 20.0), (1300.0, 50.0)
+    eta = fit_eta([(t1, p1), (t2, p2)], None)
+    assert eta is not None
+    assert eta.at == pytest.approx(t2 + (100 - p2) * (t2 - t1) / (p2 - p1))
+
+
+def test_no_progress_means_no_eta() -> None:
+    assert fit_eta([(10.0, 5.0), (20.0, 5.0)], None) is None
+    assert fit_eta([(10.0, 5.0)], None) is None
+    assert fit_eta_origin([(10.0, 0.0)], 0.0) is None
+
+
+def test_more_samples_sharpen_the_prediction_and_it_is_calibrated() -> None:
+    rng = random.Random(7)
+    duration, noise = 1000.0, 1.5
+    errors, sds = [], []
+    for _ in range(300):
+        samples = [(x, round(100 * x / duration + rng.gauss(0, noise))) for x in (200.0, 500.0, 800.0)]
+        eta = fit_eta_origin(samples, 0.0)
+        assert eta is not None
+        errors.append(eta.at - duration)
+        sds.append(eta.sd)
+    rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+    assert 0.6 < rms / (sum(sds) / len(sds)) < 1.6  # sd is about the real error
+    few = fit_eta_origin([(200.0, 20.0)], 0.0)
+    many = fit_eta_origin([(200.0, 20.0), (500.0, 50.0), (800.0, 80.0)], 0.0)
+    assert few is not None
+    assert many is not None
+    assert many.sd < few.sd
+
+
+def test_anchor_is_dropped_for_a_run_that_started_before_tracking() -> None:
+    # Tracked at 1000 s, but it has been running since 0 s (10 % per 100 s).
+    late = [(1000.0 + x, 50.0 + x / 10.0) for x in (50.0, 150.0, 250.0)]
+    assert not anchor_is_plausible(late, 1000.0)
+    fresh = [(1000.0 + x, x / 10.0) for x in (50.0, 150.0, 250.0)]
+    assert anchor_is_plausible(fresh, 1000.0)
+    assert anchor_is_plausible(late[:1], 1000.0)  # one sample cannot contradict it
+
+
+def test_gaussian_overshoot_matches_numeric_integration() -> None:
+    mu, sd, lower = 500.0, 20.0, 480.0
+    for t in (470.0, 490.0, 500.0, 530.0, 600.0):
+        # E[(t - E)^+ | E > lower] by brute force over a fine grid of the density.
+        num = den = 0.0
+        step = 0.01
+        x = lower
+        while x < mu + 10 * sd:
+            w = math.exp(-0.5 * ((x - mu) / sd) ** 2)
+            den += w
+            num += w * max(t - x, 0.0)
+            x += step
+        assert gaussian_overshoot(t, mu, sd, lower) == pytest.approx(num / den, abs=0.05)
+
+
+def test_crossing_is_where_the_overshoot_reaches_theta() -> None:
+    mu, sd, lower = 1000.0, 30.0, 900.0
+    for theta in (0.5, 5.0, 50.0):
+        t = gaussian_crossing(theta, mu, sd, lower)
+        assert gaussian_overshoot(t, mu, sd, lower) == pytest.approx(theta, rel=0.05, abs=0.05)
+    assert gaussian_crossing(1.0, mu, sd, 2000.0) > 2000.0  # never before the last poll
+
+
+# -- state -----------------------------------------------------------------------------------------
+
+
+def test_samples_are_bounded_and_keep_both_ends() -> None:
+    state = ExecState("exec_a", 0.0)
+    for i in range(100):
+        state.add_sample(float(i), i)
+    pairs = state.sample_pairs()
+    assert len(pairs) == MAX_SAMPLES
+    assert pairs[0] == (0.0, 0.0)
+    assert pairs[-1] == (99.0, 99.0)
+
+
+def test_lazy_heap_skips_stale_entries_and_compacts() -> None:
+    heap = LazyHeap()
+    states = [ExecState(f"exec_{i}", 0.0) for i in range(10)]
+    for i, state in enumerate(states):
+        heap.push(float(i), state)
+    for state in states[:5]:
+        state.ver += 1  # their entries are stale now
+    top = heap.top()
+    assert top is not None
+    assert top[1] is states[5]
+    for _ in range(200):
+        states[9].ver += 1
+        heap.push(50.0, states[9])
+        heap.compact(10)
+    assert len(heap) <= 2 * 10 + 64 + 1
+
+
+# -- adaptive ----------------------------------------------------------------------------------------
+
+
+def adaptive(n: int, rate: float = 0.5, **kwargs: float) -> tuple[AdaptivePolicy, list[ExecState]]:
+    policy = AdaptivePolicy(**kwargs)
+    policy.bind_rate(lambda: rate)
+    return policy, [add(policy, f"exec_{i:04d}", 0.0) for i in range(n)]
+
+
+def test_adaptive_floor_interval_follows_n_and_recent_leavers() -> None:
+    policy, states = adaptive(100)
+    assert policy.floor_interval(0.0) == pytest.approx(1.3 * 100 / 0.5)
+    for state in states[:40]:
+        state.live = False
+        policy.remove(state, 10.0)
+    # The 40 that just left still count: a cycle that began before they left had to visit them.
+    assert policy.floor_interval(11.0) == pytest.approx(1.3 * 100 / 0.5)
+    assert policy.floor_interval(10.0 + 261.0) == pytest.approx(1.3 * 60 / 0.5)
+
+
+def test_adaptive_spends_spare_tokens_round_robin() -> None:
+    policy, states = adaptive(5)
+    now, seen = 10.0, []
+    for _ in range(10):
+        chosen = policy.choose(now)
+        assert chosen is not None
+        seen.append(chosen.execution_id)
+        answer_running(policy, chosen, now)
+        now += 2.0
+    assert seen[:5] == seen[5:]
+    assert sorted(seen[:5]) == [s.execution_id for s in states]
+
+
+def test_adaptive_overdue_floor_goes_first() -> None:
+    policy, states = adaptive(10)
+    floor = policy.floor_interval(0.0)
+    # Everybody answered recently except exec_0003.
+    for state in states:
+        if state.execution_id != "exec_0003":
+            answer_running(policy, policy_take(policy, state, 1.0), floor)
+    chosen = policy.choose(floor + 1.0)
+    assert chosen is not None
+    assert chosen.execution_id == "exec_0003"
+
+
+def policy_take(policy: Policy, state: ExecState, now: float) -> ExecState:
+    """Take a given state out of the queue as `choose` would."""
+    state.ver += 1
+    return state
+
+
+def test_adaptive_polls_a_predicted_end_when_due() -> None:
+    policy, states = adaptive(50)
+    policy.floor_interval(0.0)
+    target = states[7]
+    # Linear progress: 100 % at 600 s; samples at 150, 300, 450 s.
+    for t in (150.0, 300.0, 450.0):
+        answer_running(policy, policy_take(policy, target, t), t, round(100 * t / 600))
+    assert target.eta == pytest.approx(600.0, abs=5.0)
+    assert 570.0 < target.due < 640.0
+    # Keep everyone else fresh, then ask at the due time: the predicted end wins.
+    for state in states:
+        if state is not target:
+            answer_running(policy, policy_take(policy, state, target.due - 1), target.due - 1)
+    assert policy.choose(target.due) is target
+
+
+def test_adaptive_backs_off_a_run_stuck_near_the_end() -> None:
+    policy, states = adaptive(1)
+    state = states[0]
+    for t in (100.0, 200.0, 300.0):
+        answer_running(policy, policy_take(policy, state, t), t, round(100 * t / 400))
+    gaps = []
+    now = state.due
+    for _ in range(6):  # it says 98 % forever
+        answer_running(policy, policy_take(policy, state, now), now, 98)
+        gaps.append(state.due - now)
+        now = state.due
+    assert state.misses >= 6
+    assert gaps[-1] > gaps[0] * 3  # growing gaps, not a poll every 2 s
+
+
+def test_adaptive_learns_that_silent_runs_end_more_often() -> None:
+    policy, states = adaptive(40)
+    policy.floor_interval(0.0)
+    silent, talking = states[:20], states[20:]
+    for state in talking:
+        answer_running(policy, policy_take(policy, state, 100.0), 100.0, 20)
+    for state in silent:
+        answer_running(policy, policy_take(policy, state, 100.0), 100.0, 0)
+    # Ten silent runs ended (completed), nobody failed: silent runs look risky, talking ones do not.
+    for state in silent[:10]:
+        state.live = False
+        policy.remove(state, 150.0)
+        policy.finished(state, 150.0, Outcome.COMPLETED)
+    assert policy.silent_rate() > 10 * policy.unexpected_rate()
+    survivor_silent, survivor_talking = silent[10], talking[0]
+    answer_running(policy, policy_take(policy, survivor_silent, 200.0), 200.0, 0)
+    answer_running(policy, policy_take(policy, survivor_talking, 200.0), 200.0, 40)
+    assert survivor_silent.weight > 3 * survivor_talking.weight
