@@ -34,7 +34,7 @@ pytest: $(VENV)/.installed-test
 test: lint typecheck pytest
 
 bench: $(VENV)/.installed
-	for s in ../shared/scenarios/*.toml; do $(BIN)/execmon bench --scenario $$s; done
+	for s in ../shared/scenarios/*.toml benchmarks/scenarios/*.toml; do $(BIN)/execmon bench --scenario $$s; done
 
 scale: $(VENV)/.installed
 	$(BIN)/python benchmarks/scale.py
