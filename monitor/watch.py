@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from monitor.api.client import check_reachable
 from monitor.api.models import StatusRecord
 from monitor.config import Config
 from monitor.engine import Engine
@@ -168,6 +169,7 @@ async def run_watch(config: Config, options: WatchOptions) -> int:
         if task is not None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, task.cancel)
+        await check_reachable(config.api.base_url, config.api.request_timeout_s)
         try:
             async with Engine(config, state_path=state_path) as engine:
                 return await Watch(engine, options).run()

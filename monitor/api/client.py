@@ -92,6 +92,27 @@ def check_base_url(base_url: str) -> URL:
     return url
 
 
+async def check_reachable(base_url: str, timeout_s: float = 5.0) -> None:
+    """Open (and close) a TCP connection to the API's host: no HTTP request, so no budget is spent.
+
+    For the one-shot watch, where a wrong --base-url should be one clear line, not a retry loop.
+    Raises UsageError naming host:port and what to check.
+    """
+    url = check_base_url(base_url)
+    host, port = url.host or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(timeout_s):
+            _reader, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UsageError(
+            f"cannot reach the API at {host}:{port} ({reason}): check --base-url or EXECMON_BASE_URL"
+        ) from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 def _check_key(api_key: Secret) -> None:
     if not isinstance(api_key, Secret):
         raise UsageError("the API key must be given as a Secret (monitor.secrets)")

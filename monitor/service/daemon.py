@@ -130,6 +130,8 @@ class Daemon:
         token = config.control_token()
         host, port = config.control.listen
         check_listen_allowed(host, token)
+        config.api_key()  # a missing key and bad sinks are refused before anything is bound or opened
+        engine = self._engine_factory(config)
         self._config = config
         self.state.token = token
         app = create_control_app(self.state, max_body_bytes=config.control.max_body_bytes)
@@ -138,7 +140,6 @@ class Daemon:
         self._stack.push_async_callback(self._server.stop)
         if token is None:
             log.warning("the control API has no token: anyone on this machine can use it", url=self._server.url)
-        engine = self._engine_factory(config)
         await self._stack.enter_async_context(engine)
         self._engine = engine
         metrics = engine.metrics
