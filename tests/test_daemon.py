@@ -58,7 +58,14 @@ class Setup:
         return engine
 
     def daemon(self, **kwargs: object) -> Daemon:
-        return Daemon(self.config, env={}, engine_factory=self.factory, configure_logs=False, **kwargs)  # type: ignore[arg-type]
+        return Daemon(
+            self.config,
+            env={},
+            engine_factory=self.factory,
+            validate_config=lambda _config: None,  # the fake engine needs no key and no sinks
+            configure_logs=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
 
 @pytest.fixture
@@ -197,7 +204,7 @@ def factory(config):
     engine = FakeEngine(config)
     engine.shutdown_delay_s = slow
     return engine
-sys.exit(run_daemon(sys.argv[1], engine_factory=factory))
+sys.exit(run_daemon(sys.argv[1], engine_factory=factory, validate_config=lambda config: None))
 """
 
 

@@ -155,16 +155,17 @@ def test_killed_twice_mid_run_delivers_every_result_once_within_the_budget(rig: 
     daemon = rig.start()
     try:
         assert rig.add(ids).startswith("100 added, 0 already tracked"), "execmon add's summary line"
-        time.sleep(rng.uniform(2.0, 4.0))  # at a random moment
+        wait_for_lines(rig.out, rng.randint(5, 30), 20)
+        time.sleep(rng.uniform(0.0, 0.5))  # at a random moment while results come in
         daemon.kill()
         kills = [count_lines(rig.out)]
-        by_id(read_jsonl(rig.out))
+        by_id(read_jsonl(rig.out))  # whole lines only, nothing twice
         daemon = rig.start()
-        wait_for_lines(rig.out, kills[0] + 1, 12)  # right after a result line lands
+        wait_for_lines(rig.out, kills[0] + rng.randint(10, 30), 20)  # right after a result line lands
         daemon.kill()
         kills.append(count_lines(rig.out))
         by_id(read_jsonl(rig.out))
-        assert kills[-1] < len(ids), f"everything was delivered before the second kill (seed {seed}): {kills}"
+        assert 0 < kills[0] < kills[1] < len(ids), f"the kills missed the deliveries (seed {seed}): {kills}"
         daemon = rig.start()
         assert rig.add(ids[:10]).startswith("0 added, 10 already tracked")  # the state survived the kills
         wait_all_delivered(rig, daemon, len(ids), 50)
@@ -347,9 +348,11 @@ def test_control_api_token_validation_cli_and_metrics(rig: Rig, sim: Sim) -> Non
 
 
 def test_sigterm_under_heavy_polling_exits_0_in_the_grace_period_and_loses_nothing(tmp_path: Path) -> None:
-    # Every answer takes longer than the grace period, and enough polls are allowed in flight to spend
-    # the whole budget: at the SIGTERM about 20 polls are waiting for their answers and must be abandoned.
-    grace_s, latency_s = 1.0, 2.0
+    # Answers take longer than the grace period, and enough polls may be in flight to spend the whole
+    # budget: at the SIGTERM a dozen polls wait for their answers, and some must be abandoned.
+    # (The client counts a request against the window until its answer comes: with 1.5 s of latency
+    # the budget allows about 30 / 4.5 s, so 200 executions keep this test well under a minute.)
+    grace_s, latency_s = 0.5, 1.5
     with Sim.running(tmp_path, "--rate-limit", "30/3s", "--latency-ms", str(latency_s * 1000)) as sim:
         rig = make_rig(
             tmp_path,
@@ -360,19 +363,18 @@ def test_sigterm_under_heavy_polling_exits_0_in_the_grace_period_and_loses_nothi
         )
         with rig.start() as daemon:
             ids: list[str] = []
-            for duration in (3, 4, 5, 6, 7):
-                ids += sim.create(54, duration_s=duration, outcome="completed")
-            failed = sim.create(30, duration_s=4, outcome="failed")
+            for duration in (3, 4, 5, 6):
+                ids += sim.create(45, duration_s=duration, outcome="completed")
+            failed = sim.create(20, duration_s=4, outcome="failed")
             ids += failed
-            assert rig.add(ids).startswith("300 added")
-            assert wait_until(lambda: sim.stats()["requests_total"] >= 60, 15), sim.stats()
+            assert rig.add(ids).startswith("200 added")
+            assert wait_until(lambda: sim.stats()["requests_total"] >= 50, 15), sim.stats()
             assert wait_for_lines(rig.out, 1, 10), "nothing delivered before the SIGTERM"
             in_flight = sim.stats()["requests_total"] - sum(sim.stats()["responses"].values())
             daemon.signal(signal.SIGTERM)
             asked = time.monotonic()
             rc = daemon.wait(grace_s + 10)
             took = time.monotonic() - asked
-            print("DIAG", took, in_flight, count_lines(rig.out), sim.stats())
             assert rc == 0, daemon.stderr()[-2000:]
             assert took < grace_s + 2.0, f"exit {took:.1f} s after SIGTERM, grace {grace_s} s"
             assert "Traceback" not in daemon.stderr()
@@ -386,9 +388,7 @@ def test_sigterm_under_heavy_polling_exits_0_in_the_grace_period_and_loses_nothi
         assert sim.stats()["requests_total"] == spent, "requests after the daemon exited"
 
         with rig.start() as daemon:
-            t_restart = time.monotonic()
             wait_all_delivered(rig, daemon, len(ids), 50)
-            print("DIAG2", time.monotonic() - t_restart, sim.stats())
             assert_delivered_once(sim, read_jsonl(rig.out), ids)
             assert {r["execution_id"] for r in read_jsonl(rig.out) if r["outcome"] == "failed"} == set(failed)
             sim.assert_budget_held(LIMIT)
@@ -398,12 +398,6 @@ def test_sigterm_under_heavy_polling_exits_0_in_the_grace_period_and_loses_nothi
 # -- 5. bad input -------------------------------------------------------------------------------
 
 
-# Found by these tests: the daemon binds the control API (and logs "control API listening") before
-# the engine is built, and the engine checks the sinks' own keys (Engine.__init__ -> build_sinks) and
-# reads the API key (Engine.__aenter__ -> _new_client, after the state file is created) only then.
-LATE_CHECK = "product bug: sink keys and the API key are checked after the control API is bound and logged"
-
-
 @pytest.mark.parametrize(
     ("edit", "says"),
     [
@@ -411,16 +405,9 @@ LATE_CHECK = "product bug: sink keys and the API key are checked after the contr
         (("", "[polling]\nmax_inflight = 3\n"), "max_inflight"),
         (("listen = ", 'listen = "nowhere"\n#'), "listen"),
         (("[state]", "[state]\nfsync = true"), "fsync"),
-        pytest.param(
-            ('type = "jsonl"', 'type = "jsonl"\nretries = 3'),
-            "retries",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_CHECK),
-        ),
-        pytest.param(
-            ('api_key_env = "EXECMON_API_KEY"', 'api_key_env = "EXECMON_NO_SUCH_KEY"'),
-            "EXECMON_NO_SUCH_KEY",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_CHECK),
-        ),
+        # Checked by the sink and by the engine, yet still before anything is bound, logged or opened.
+        (('type = "jsonl"', 'type = "jsonl"\nretries = 3'), "retries"),
+        (('api_key_env = "EXECMON_API_KEY"', 'api_key_env = "EXECMON_NO_SUCH_KEY"'), "EXECMON_NO_SUCH_KEY"),
     ],
 )
 def test_a_config_that_fails_validation_exits_2_with_one_line(rig: Rig, edit: tuple[str, str], says: str) -> None:
@@ -505,7 +492,6 @@ def test_ls_answers_in_under_a_second_with_ten_thousand_tracked(tmp_path: Path, 
             result = rig.cli(*args)
             timings.append(time.monotonic() - started)
             assert result.returncode == 0, result.stderr
-        print(f"execmon ls: {timings[0]:.2f} s, ls --json: {timings[1]:.2f} s")
         assert max(timings) < 1.0, f"execmon ls took {timings[0]:.2f} s, ls --json {timings[1]:.2f} s"
         table = rig.cli("ls").stdout.splitlines()
         assert len(table) == 1 + len(ids) + 1  # header, rows, summary

@@ -14,12 +14,11 @@ from monitor.errors import UsageError
 from monitor.ids import InvalidExecutionId, validate_execution_id
 from monitor.logs import configure_logging
 from monitor.rates import parse_duration
+from monitor.sinks.registry import parse_sink_spec
 from monitor.watch import WatchOptions, read_ids, run_watch
 
 HELP = "watch execution IDs until each one ends, sending every result to the sinks"
 log = structlog.get_logger(__name__)
-
-_SPEC_KEYS = {"jsonl": "path", "webhook": "url", "command": "command"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,23 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=["adaptive", "backoff"], help="polling policy (default adaptive)")
     parser.add_argument("--timeout", help="give up on an execution after this long (e.g. 600, 15m): timed_out")
     parser.add_argument(
-        "--sink", action="append", metavar="SPEC", help="stdout | jsonl:PATH | webhook:URL | command:CMD (repeatable)"
+        "--sink",
+        action="append",
+        metavar="SPEC",
+        help="stdout | jsonl:PATH | webhook:URL | command:CMD | a plugin type (repeatable)",
     )
     parser.add_argument("--state", help="SQLite state file: a killed watch resumes from it")
     parser.add_argument("--group", help="the IDs form one batch; sinks with events=['group'] get one digest")
     parser.add_argument("--fail-fast", action="store_true", help="exit as soon as one ends other than completed")
     parser.add_argument("--quiet", action="store_true", help="no live view or per-change lines; warnings only")
     parser.add_argument("--log-level", help="debug | info | warning | error")
-
-
-def sink_table(spec: str) -> dict[str, Any]:
-    """A `--sink` spec as a [[sinks]] table: `stdout`, `jsonl:PATH`, `webhook:URL`, `command:CMD`."""
-    kind, sep, rest = spec.partition(":")
-    if kind == "stdout" and not sep:
-        return {"type": "stdout"}
-    if kind in _SPEC_KEYS and sep and rest:
-        return {"type": kind, _SPEC_KEYS[kind]: rest}
-    raise UsageError(f"--sink {spec!r}: expected stdout, jsonl:PATH, webhook:URL or command:CMD")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -57,7 +49,7 @@ def _load(args: argparse.Namespace) -> Config:
         "logging.level": args.log_level,
     }
     if args.sink:
-        overrides["sinks"] = [sink_table(s) for s in args.sink]
+        overrides["sinks"] = [parse_sink_spec(s) for s in args.sink]
     config = load_config(args.config, overrides={k: v for k, v in overrides.items() if v is not None})
     if not config.sinks:
         config = load_config(args.config, overrides={**overrides, "sinks": [{"type": "stdout"}]})

@@ -64,6 +64,15 @@ class EngineLike(Protocol):
 
 
 EngineFactory = Callable[[Config], EngineLike]
+ConfigCheck = Callable[[Config], None]
+
+
+def check_engine_config(config: Config) -> None:
+    """What the engine will need, checked without starting anything: the API key and the sinks."""
+    from monitor.sinks.registry import build_sinks  # noqa: PLC0415 - imported late, as the engine
+
+    config.api_key()
+    build_sinks(config.sinks)
 
 
 def default_engine_factory(config: Config) -> EngineLike:
@@ -82,6 +91,7 @@ class Daemon:
         *,
         env: Mapping[str, str] | None = None,
         engine_factory: EngineFactory = default_engine_factory,
+        validate_config: ConfigCheck = check_engine_config,
         handle_signals: bool = True,
         configure_logs: bool = True,
         stall_threshold_s: float = 0.2,
@@ -89,6 +99,7 @@ class Daemon:
         self.config_path = None if config_path is None else Path(config_path)
         self._env = env
         self._engine_factory = engine_factory
+        self._validate_config = validate_config
         self._handle_signals = handle_signals
         self._configure_logs = configure_logs
         self._stall_threshold_s = stall_threshold_s
@@ -130,8 +141,7 @@ class Daemon:
         token = config.control_token()
         host, port = config.control.listen
         check_listen_allowed(host, token)
-        config.api_key()  # a missing key and bad sinks are refused before anything is bound or opened
-        engine = self._engine_factory(config)
+        self._validate_config(config)  # a missing key or a bad sink: refused before anything is bound or opened
         self._config = config
         self.state.token = token
         app = create_control_app(self.state, max_body_bytes=config.control.max_body_bytes)
@@ -140,6 +150,7 @@ class Daemon:
         self._stack.push_async_callback(self._server.stop)
         if token is None:
             log.warning("the control API has no token: anyone on this machine can use it", url=self._server.url)
+        engine = self._engine_factory(config)
         await self._stack.enter_async_context(engine)
         self._engine = engine
         metrics = engine.metrics
@@ -261,6 +272,12 @@ async def serve(daemon: Daemon) -> int:
     return 0
 
 
-def run_daemon(config_path: str | Path | None, *, engine_factory: EngineFactory = default_engine_factory) -> int:
+def run_daemon(
+    config_path: str | Path | None,
+    *,
+    engine_factory: EngineFactory = default_engine_factory,
+    validate_config: ConfigCheck = check_engine_config,
+) -> int:
     """`execmon run`: serve until SIGTERM/SIGINT, then exit 0. Config and bind errors raise UsageError."""
-    return asyncio.run(serve(Daemon(config_path, engine_factory=engine_factory)))
+    daemon = Daemon(config_path, engine_factory=engine_factory, validate_config=validate_config)
+    return asyncio.run(serve(daemon))
