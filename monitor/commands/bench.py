@@ -13,7 +13,7 @@ from monitor.logs import configure_logging
 from monitor.schedule.policy import POLICY_NAMES
 from monitor.simulator.scenario import load_scenario
 
-HELP = "benchmark the polling policies on a scenario file (virtual time: hours in seconds)"
+HELP = "Benchmark the polling policies on a scenario file (virtual time: hours in seconds)"
 
 _COLUMNS = (
     ("mean_s", "mean", "{:.1f}"),

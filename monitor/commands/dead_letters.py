@@ -9,7 +9,7 @@ from monitor.clock import iso_utc
 from monitor.config import find_config_path, load_config
 from monitor.state.store import Store
 
-HELP = "list undelivered results (dead letters) in a state file, or queue them for delivery again"
+HELP = "List undelivered results (dead letters) in a state file, or queue them for delivery again"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from monitor.rates import parse_duration
 from monitor.sinks.registry import parse_sink_spec
 from monitor.watch import WatchOptions, read_ids, run_watch
 
-HELP = "watch execution IDs until each one ends, sending every result to the sinks"
+HELP = "Watch execution IDs until each one ends, sending every result to the sinks"
 log = structlog.get_logger(__name__)
 
 
