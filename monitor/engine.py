@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import structlog
 
 from monitor.api.client import ExecutionsClient
 from monitor.api.models import StatusRecord
 from monitor.clock import Clock, parse_iso
-from monitor.config import Config, SinkConfig
+from monitor.config import Config
 from monitor.delivery import Delivery
 from monitor.records import Outcome, TerminalEvent
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
 from monitor.schedule.scheduler import Scheduler
 from monitor.service.backend import EngineBackend
+from monitor.service.control import TrackResult
 from monitor.service.metrics import Metrics
 from monitor.sinks.registry import SinkHandle, build_sinks
 from monitor.state.rows import TrackedRow, TrackRequest
@@ -40,14 +40,6 @@ log = structlog.get_logger(__name__)
 _METRICS_EVERY_S = 5.0
 _OUTCOMES = tuple(o.value for o in Outcome)
 StatusListener = Callable[[str, StatusRecord | None, str | None], None]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TrackResult:
-    """What a track request did: IDs newly tracked, and IDs that were tracked already."""
-
-    added: list[str]
-    already_tracked: list[str]
 
 
 class Engine:
@@ -257,7 +249,8 @@ class Engine:
         return True, None
 
     async def reload(self, config: Config) -> None:
-        """Apply a new config (key, rate limit, sinks, polling) without losing state."""
+        """Apply a new config (key, base URL, rate limit, sinks) without losing state; polling settings
+        need a restart. Everything that can fail is built before anything is swapped."""
         sinks = build_sinks(config.sinks) if config.sinks != self.config.sinks else None
         client = self._new_client(config)
         old_client = self._client
@@ -322,9 +315,3 @@ class Engine:
 
     def outcomes(self, ids: Iterable[str]) -> dict[str, Outcome]:
         return self._require_store().results(ids)
-
-    def sink_configs(self) -> list[SinkConfig]:
-        return list(self.config.sinks)
-
-    def describe(self) -> dict[str, Any]:
-        return {"state": str(self.state_path), "sinks": [s.name for s in self._sinks]}

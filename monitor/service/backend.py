@@ -25,8 +25,7 @@ class EngineBackend:
     async def track(
         self, ids: list[str], *, deadline_s: float | None, group: str | None, labels: dict[str, str]
     ) -> TrackResult:
-        result = self._engine.track(ids, deadline_s=deadline_s, group=group, labels=labels)
-        return TrackResult(list(result.added), list(result.already_tracked))
+        return self._engine.track(ids, deadline_s=deadline_s, group=group, labels=labels)
 
     async def untrack(self, execution_id: str) -> bool:
         return self._engine.untrack(execution_id)
