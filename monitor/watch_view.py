@@ -114,7 +114,8 @@ class LiveView:
             f"| budget {stats.budget_used}/{stats.rate.limit} per {stats.rate.window_s:g}s | requests {stats.requests}"
         )
         if stats.slowest_eta_s is not None:
-            totals.append(f" | slowest ends in ~{_duration(stats.slowest_eta_s)}")
+            eta = _duration(stats.slowest_eta_s) if stats.slowest_eta_s >= 1 else "now (due)"
+            totals.append(f" | slowest ends in ~{eta}")
         parts: list[Table | Text] = [table]
         if hidden > 0:
             parts.append(Text(f"... and {hidden} more running", style="dim"))
