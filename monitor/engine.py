@@ -88,16 +88,27 @@ class Engine:
         await self.shutdown(self.config.control.grace_s)
 
     async def shutdown(self, grace_s: float) -> None:
-        """Stop taking polls, let in-flight ones finish within the grace period, flush the sinks."""
+        """Stop taking polls, let in-flight ones finish, flush the sinks: all within `grace_s`.
+
+        Half the grace goes to in-flight polls, the rest to the sinks; whatever a sink has not
+        confirmed by then stays pending in the outbox and is delivered by the next start.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()  # it reads the store, which is closed below
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_task
+            self._metrics_task = None
         if self._scheduler is not None:
-            await self._scheduler.stop(grace_s)
+            await self._scheduler.stop(grace_s / 2)
         if self._task is not None:
             self._task.cancel()  # polls are drained by stop(); a run() not started before stop() would never end
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         if self._delivery is not None:
-            await self._delivery.drain(timeout=grace_s)
+            await self._delivery.drain(timeout=max(0.0, deadline - loop.time()))
         await self._close_parts()
 
     async def _close_parts(self) -> None:
@@ -270,7 +281,7 @@ class Engine:
     # -- the scheduler's listener ----------------------------------------------------------------
 
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
-        self.metrics.request("error" if error else (status.status.value if status else "unknown"))
+        self.metrics.request(status.status.value if status is not None else "error")
         scheduler, store = self._require_scheduler(), self._require_store()
         state = scheduler.export_state(execution_id)
         if state is not None:

@@ -54,7 +54,7 @@ class Metrics:
         )
         self._detection_delay = Histogram(
             "detection_delay_seconds",
-            "Seconds from an execution's end (server time) to its result reaching the sinks.",
+            "Seconds from an execution's end (server time) to execmon seeing it (its result then enters the outbox).",
             namespace=ns,
             registry=reg,
             buckets=DETECTION_DELAY_BUCKETS,
@@ -84,7 +84,7 @@ class Metrics:
         )  # fmt: skip
 
     def request(self, outcome: str) -> None:
-        """One status request finished (outcome such as ok, not_found, throttled, key_rejected, transient)."""
+        """One status request finished: the status it reported (running, completed, ...) or "error"."""
         self._requests.labels(outcome=outcome).inc()
 
     def throttled(self) -> None:
