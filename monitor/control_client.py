@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from monitor.config import find_config_path, load_config
 from monitor.errors import UsageError
-from monitor.ids import ALLOWED_DESCRIPTION, is_valid_execution_id
+from monitor.ids import ALLOWED_DESCRIPTION, ids_from_arguments, is_valid_execution_id
 from monitor.secrets import Secret
 from monitor.service.validation import MAX_IDS, MAX_LIMIT
 
@@ -64,12 +64,7 @@ def read_ids(args: Iterable[str], stdin: TextIO) -> list[str]:
 
     Every ID is checked before anything is sent, so a bad one means nothing is tracked.
     """
-    ids: list[str] = []
-    for arg in args:
-        if arg == "-":
-            ids.extend(line.strip() for line in stdin if line.strip() and not line.lstrip().startswith("#"))
-        else:
-            ids.append(arg)
+    ids = ids_from_arguments(args, stdin)
     if not ids:
         raise UsageError("no execution IDs given (pass them as arguments, or - to read them from stdin)")
     invalid = [i for i in ids if not is_valid_execution_id(i)]

@@ -8,6 +8,8 @@ not stop `.`/`..` either. So only a conservative alphabet is accepted.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import TextIO
 
 from monitor.errors import UsageError
 
@@ -34,3 +36,16 @@ def validate_execution_id(raw: str) -> str:
     if not isinstance(raw, str) or not is_valid_execution_id(raw):
         raise InvalidExecutionId(str(raw))
     return raw
+
+
+def ids_from_arguments(args: Iterable[str], stdin: TextIO) -> list[str]:
+    """IDs as given on a command line, `-` meaning one per line from stdin (blank lines and
+    # comments skipped). Not validated: each command decides what an invalid one means."""
+    ids: list[str] = []
+    for arg in args:
+        if arg == "-":
+            lines = (line.strip() for line in stdin)
+            ids.extend(line for line in lines if line and not line.startswith("#"))
+        else:
+            ids.append(arg)
+    return ids

@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,18 +142,6 @@ class Watch:
         if all(o is Outcome.COMPLETED for o in outcomes.values()) and not self.options.rejected:
             return EXIT_OK
         return EXIT_NOT_ALL_COMPLETED
-
-
-def read_ids(args_ids: Iterable[str], stdin_text: str | None) -> list[str]:
-    """IDs from the arguments, with `-` replaced by stdin's lines (blank lines and # comments skipped)."""
-    ids: list[str] = []
-    for arg in args_ids:
-        if arg == "-":
-            lines = (line.strip() for line in (stdin_text or "").splitlines())
-            ids += [line for line in lines if line and not line.startswith("#")]
-        else:
-            ids.append(arg)
-    return ids
 
 
 async def run_watch(config: Config, options: WatchOptions) -> int:

@@ -11,11 +11,11 @@ import structlog
 
 from monitor.config import Config, load_config
 from monitor.errors import UsageError
-from monitor.ids import InvalidExecutionId, validate_execution_id
+from monitor.ids import InvalidExecutionId, ids_from_arguments, validate_execution_id
 from monitor.logs import configure_logging
 from monitor.rates import parse_duration
 from monitor.sinks.registry import parse_sink_spec
-from monitor.watch import WatchOptions, read_ids, run_watch
+from monitor.watch import WatchOptions, run_watch
 
 HELP = "Watch execution IDs until each one ends, sending every result to the sinks"
 log = structlog.get_logger(__name__)
@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
     live = sys.stderr.isatty() and not args.quiet
     level = "warning" if args.quiet else config.logging.level
     configure_logging(level, config.logging.format)
-    stdin_text = sys.stdin.read() if "-" in args.ids else None
-    ids, rejected = _valid_ids(read_ids(args.ids, stdin_text))
+    ids, rejected = _valid_ids(ids_from_arguments(args.ids, sys.stdin))
     if not ids:
         raise UsageError("no valid execution IDs to watch: pass IDs as arguments, or '-' to read them from stdin")
     timeout_s = None
