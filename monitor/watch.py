@@ -50,6 +50,7 @@ class Watch:
         self.engine = engine
         self.options = options
         self.ids = options.ids
+        self._id_set = frozenset(options.ids)
         self.stats = WatchStats(total=len(options.ids), rate=engine.config.api.rate_limit)
         self._last_state: dict[str, str] = {}
         self._failed_early: Outcome | None = None
@@ -100,14 +101,19 @@ class Watch:
             if engine.key_rejected_reason is not None:
                 log.error("the API key was rejected (401): set EXECMON_API_KEY to a valid key")
                 return EXIT_KEY_REJECTED
-            outcomes = engine.outcomes(self.ids)
             if self._failed_early is not None:
                 await engine.delivery.drain(timeout=engine.config.control.grace_s)
                 log.error("stopping early (--fail-fast)", outcome=self._failed_early.value)
                 return EXIT_NOT_ALL_COMPLETED
-            if len(outcomes) == len(self.ids) and engine.store.pending_count() == 0:
+            # The in-memory outcomes (preloaded + listener) say when to ask the store; the store
+            # (terminal rows, nothing pending in the outbox) has the last word.
+            if self.stats.outcomes.keys() >= self._id_set and self._store_says_done():
                 return None
             await asyncio.sleep(_TICK_S)
+
+    def _store_says_done(self) -> bool:
+        store = self.engine.store
+        return len(store.results(self.ids)) == len(self.ids) and store.pending_count() == 0
 
     def _slowest_eta_s(self) -> float | None:
         """Seconds until the latest predicted finish among the running executions, if any is known."""
