@@ -1,7 +1,8 @@
 """The `execmon` command line: one sub-command per module in `monitor.commands`.
 
 Each command module provides `HELP: str`, `add_arguments(parser)` and `run(args) -> int`.
-Errors meant for the user (`UsageError`) become one line on stderr and exit status 2.
+Every error execmon raises derives from `ExecmonError`; `exit_status` is the one place that maps
+them to exit statuses (the contract's list), and each becomes one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from monitor import __version__
-from monitor.errors import UsageError
+from monitor.control_client import NotTracked
+from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed, UsageError
+
+EXIT_USAGE, EXIT_KEY_REJECTED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_FAILED_RESTARTABLE = 1  # the daemon: a supervisor restarts it
+EXIT_WATCH_CANNOT_GO_ON = 4  # watch: the same command run again resumes
 
 COMMANDS = ("watch", "run", "add", "ls", "status", "rm", "dead-letters", "simulate", "bench")
 
@@ -46,9 +52,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(words)
     try:
         code: int = args._module.run(args)
-    except UsageError as exc:
-        print(f"execmon {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except ExecmonError as exc:
+        print(f"execmon {args.command}: {exc}{_cause(exc)}", file=sys.stderr)
+        return exit_status(exc, args.command)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
+
+
+def exit_status(exc: ExecmonError, command: str) -> int:
+    """The contract's exit status for an error that ended `command`."""
+    if isinstance(exc, NotTracked):
+        return 1  # like `rm` of a missing file
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, KeyRejectedError):
+        return EXIT_KEY_REJECTED
+    if isinstance(exc, MonitorFailed) and command == "watch":
+        return EXIT_WATCH_CANNOT_GO_ON
+    return EXIT_FAILED_RESTARTABLE
+
+
+def _cause(exc: BaseException) -> str:
+    """The chained cause of a MonitorFailed, on the same line."""
+    cause = exc.__cause__
+    if not isinstance(exc, MonitorFailed) or cause is None:
+        return ""
+    return f": {type(cause).__name__}: {cause}"

@@ -29,9 +29,7 @@ class ControlError(UsageError):
 
 
 class NotTracked(ControlError):
-    """404 for one execution ID: exit 1, like `rm` of a missing file."""
-
-    exit_code = 1
+    """404 for one execution ID: exit 1, like `rm` of a missing file (mapped in `monitor.cli`)."""
 
 
 @dataclass(frozen=True, slots=True)

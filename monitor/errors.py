@@ -1,15 +1,26 @@
-"""Errors that end a command with a clear one-line message (never a traceback)."""
+"""One error root for everything execmon raises; exit statuses are mapped only in `monitor.cli`."""
 
 from __future__ import annotations
 
 
-class UsageError(Exception):
-    """Bad input from the user: a flag, a config value, an ID. The CLI prints it and exits 2."""
-
-    exit_code = 2
+class ExecmonError(Exception):
+    """The root: every error execmon raises on purpose derives from this one."""
 
 
-class KeyRejectedExit(Exception):
-    """The API key was rejected (401): `execmon watch` exits 3."""
+class UsageError(ExecmonError):
+    """Bad input from the user: a flag, a config value, an ID, a state file that cannot be used."""
 
-    exit_code = 3
+
+class KeyRejectedError(ExecmonError):
+    """The API key was rejected (401): nothing more is sent with it until it is replaced."""
+
+
+class MonitorFailed(ExecmonError):
+    """execmon itself could not go on (an internal task died, the state store failed past its
+    grace period). The cause is chained (`__cause__`); nothing delivered is lost, and a restart
+    with the same state resumes."""
+
+
+class StoreFault(ExecmonError):
+    """A transient fault of the state store (disk full, I/O error, database busy): not corruption.
+    Polling pauses and the store is retried; the operation that raised it did not happen."""

@@ -247,7 +247,6 @@ def test_missing_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
 
 def test_config_error_is_a_usage_error_and_config_is_frozen() -> None:
     assert issubclass(ConfigError, UsageError)
-    assert ConfigError("x").exit_code == 2
     config = load_config(None, env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.api = ApiConfig()  # type: ignore[misc]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from monitor.errors import ExecmonError
 
-class ApiError(Exception):
+
+class ApiError(ExecmonError):
     """Base of every client outcome that is not a status record."""
 
 

@@ -13,9 +13,10 @@ from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from monitor.config import ConfigError, SinkConfig
+from monitor.errors import ExecmonError
 
 
-class DeliveryError(Exception):
+class DeliveryError(ExecmonError):
     """One failed attempt. `retryable=False` makes it a dead letter at once."""
 
     def __init__(self, reason: str, *, retryable: bool = True, retry_after_s: float | None = None) -> None:
