@@ -15,7 +15,7 @@ from types import ModuleType
 
 from monitor import __version__
 from monitor.control_client import NotTracked
-from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed, UsageError
+from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed, StoreFault, UsageError
 
 EXIT_USAGE, EXIT_KEY_REJECTED, EXIT_INTERRUPTED = 2, 3, 130
 EXIT_FAILED_RESTARTABLE = 1  # the daemon: a supervisor restarts it
@@ -68,7 +68,7 @@ def exit_status(exc: ExecmonError, command: str) -> int:
         return EXIT_USAGE
     if isinstance(exc, KeyRejectedError):
         return EXIT_KEY_REJECTED
-    if isinstance(exc, MonitorFailed) and command == "watch":
+    if isinstance(exc, MonitorFailed | StoreFault) and command == "watch":
         return EXIT_WATCH_CANNOT_GO_ON
     return EXIT_FAILED_RESTARTABLE
 

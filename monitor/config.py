@@ -30,6 +30,7 @@ from monitor.config_values import (
 from monitor.errors import UsageError
 from monitor.rates import RateLimit
 from monitor.records import Outcome
+from monitor.schedule.base import DEFAULT_BACKOFF_FACTOR, DEFAULT_INITIAL_INTERVAL_S, DEFAULT_MAX_INTERVAL_S
 from monitor.secrets import Secret
 
 __all__ = [
@@ -73,9 +74,9 @@ class ApiConfig:
 class PollingConfig:
     policy: PolicyName = PolicyName.ADAPTIVE
     max_in_flight: int = 4
-    initial_interval_s: float = 1.0
-    backoff_factor: float = 1.5
-    max_interval_s: float = 30.0
+    initial_interval_s: float = DEFAULT_INITIAL_INTERVAL_S
+    backoff_factor: float = DEFAULT_BACKOFF_FACTOR
+    max_interval_s: float = DEFAULT_MAX_INTERVAL_S
     error_backoff_base_s: float = 1.0
     error_backoff_cap_s: float = 60.0
     not_found_confirmations: int = 3
@@ -86,6 +87,7 @@ class PollingConfig:
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     path: str = "execmon.db"
+    fault_grace_s: float = 300.0  # how long a failing store (disk full, I/O, busy) may pause work
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ ENV_KEYS = {
     "api.rate_limit": "EXECMON_RATE_LIMIT",
     "polling.policy": "EXECMON_POLICY",
     "state.path": "EXECMON_STATE",
+    "state.fault_grace_s": "EXECMON_STATE_FAULT_GRACE_S",
     "logging.level": "EXECMON_LOG_LEVEL",
     "control.listen": "EXECMON_CONTROL_LISTEN",
 }
@@ -180,7 +181,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "not_found_min_span_s": _seconds(),
         "deadline_s": _seconds(),
     },
-    "state": {"path": _text},
+    "state": {"path": _text, "fault_grace_s": _seconds(positive=True)},
     "control": {
         "listen": _listen,
         "token_env": _text,

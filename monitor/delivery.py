@@ -16,29 +16,39 @@ import contextlib
 import dataclasses
 import heapq
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
-import structlog
-
+from monitor.backoff import full_jitter
 from monitor.clock import Clock
-from monitor.errors import UsageError
+from monitor.errors import StoreFault, UsageError
+from monitor.logs import get_logger
 from monitor.records import TerminalEvent, build_result_record
 from monitor.sinks.base import DeliveryError
 from monitor.sinks.registry import SinkHandle
 from monitor.state.rows import DeliveryState, OutboxRow
 from monitor.state.store import FinishResult, Store
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
-_MAX_EXPONENT = 60  # 2**60 * base is far beyond any cap; keeps the float finite
 _STORE_ERROR_PAUSE_S = 1.0
 
 
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def _create_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    return asyncio.create_task(coro, name=name)
+
+
+def _ignore_fault(exc: StoreFault) -> None:
+    return None
+
+
 class DeliveryMetrics(Protocol):
-    """What the engine reports (monitor.service.metrics.Metrics has these)."""
+    """What the engine reports (monitor.metrics.Metrics has these)."""
 
     def delivery(self, sink: str, result: str) -> None: ...
     def set_outbox_depth(self, n: int) -> None: ...
@@ -80,8 +90,12 @@ class Delivery:
         *,
         metrics: DeliveryMetrics | None = None,
         rng: random.Random | None = None,
+        spawn: Spawn = _create_task,
+        on_store_fault: Callable[[StoreFault], None] = _ignore_fault,
     ) -> None:
         self._store = store
+        self._spawn = spawn  # lane tasks go where the owner supervises them
+        self._on_store_fault = on_store_fault
         self._clock = clock
         self._metrics = metrics
         self._rng = rng or random.Random()
@@ -111,9 +125,9 @@ class Delivery:
 
     def _start_lane(self, lane: _Lane) -> None:
         self._scan(lane)
-        lane.tasks.append(asyncio.create_task(self._pump(lane), name=f"execmon-sink-{lane.name}-pump"))
+        lane.tasks.append(self._spawn(self._pump(lane), f"execmon-sink-{lane.name}-pump"))
         for n in range(lane.handle.concurrency):
-            lane.tasks.append(asyncio.create_task(self._work(lane), name=f"execmon-sink-{lane.name}-{n}"))
+            lane.tasks.append(self._spawn(self._work(lane), f"execmon-sink-{lane.name}-{n}"))
 
     async def close(self) -> None:
         """Stop every lane and close the sinks. Attempts in flight are abandoned: still pending."""
@@ -146,7 +160,10 @@ class Delivery:
 
     def submit(self, event: TerminalEvent) -> FinishResult:
         """Record a terminal outcome and its outbox rows in one transaction, then wake the lanes."""
-        record = build_result_record(event)
+        return self.submit_record(build_result_record(event), event)
+
+    def submit_record(self, record: dict[str, Any], event: TerminalEvent) -> FinishResult:
+        """`submit` with the record already built (StoreFault: nothing was recorded)."""
         result = self._store.finish(
             event.execution_id, event.outcome, record, self.route(record), terminal_at=event.observed_at
         )
@@ -188,6 +205,9 @@ class Delivery:
                     await self._changed.wait()
         except TimeoutError:
             return False
+        except StoreFault as exc:  # what is pending stays pending in the outbox
+            self._on_store_fault(exc)
+            return False
 
     # -- the lanes ---------------------------------------------------------------------------
 
@@ -211,8 +231,8 @@ class Delivery:
             try:
                 self._scan(lane)
                 await self._feed(lane)
-            except UsageError as exc:  # the state file broke under us: say so, try again later
-                log.error("delivery cannot read the outbox", sink=lane.name, error=str(exc))
+            except StoreFault as exc:  # reported once by the owner; try again later
+                self._on_store_fault(exc)
                 await asyncio.sleep(_STORE_ERROR_PAUSE_S)
                 continue
             delay = lane.waiting[0][0] - self._clock.now() if lane.waiting else None
@@ -226,7 +246,7 @@ class Delivery:
             event_id = entry[2]
             try:
                 row = self._store.get_delivery(event_id, lane.name)
-            except UsageError:
+            except StoreFault:
                 heapq.heappush(lane.waiting, entry)  # keep it; the pump pauses and tries again
                 raise
             if row is None or row.state is not DeliveryState.PENDING:
@@ -239,8 +259,8 @@ class Delivery:
             row = await lane.queue.get()
             try:
                 await self._attempt(lane, row)
-            except UsageError as exc:  # the store could not record the outcome: retry the row later
-                log.error("delivery bookkeeping failed", sink=lane.name, event_id=row.event_id, error=str(exc))
+            except StoreFault as exc:  # the store could not record the outcome: retry the row later
+                self._on_store_fault(exc)
                 self._retry_later(lane, row, _STORE_ERROR_PAUSE_S)
             finally:
                 lane.queue.task_done()
@@ -290,8 +310,7 @@ class Delivery:
             if self._metrics is not None:
                 self._metrics.set_dead_letters(self._store.dead_count())
             return
-        ceiling = min(config.backoff_cap_s, config.backoff_base_s * 2 ** min(attempts - 1, _MAX_EXPONENT))
-        delay = self._rng.uniform(0, ceiling)
+        delay = full_jitter(attempts, config.backoff_base_s, config.backoff_cap_s, self._rng)
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, config.backoff_cap_s))
         due = self._clock.now() + delay

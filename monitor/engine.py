@@ -1,84 +1,165 @@
-"""The engine: one path for data, wired once for both `execmon watch` and `execmon run`.
+"""`Monitor`: the one engine behind the Python API, `execmon watch`, `execmon run` and the control API.
 
-    registry (SQLite) -> scheduler -> budget -> client -> outcome -> outbox (SQLite) -> delivery -> sinks
+    registry (store) -> scheduler -> budget -> client -> outcome -> outbox (store) -> delivery -> sinks
 
-The engine owns the pieces' lifetimes and is the scheduler's listener: every poll is persisted,
+The Monitor owns the pieces' lifetimes and is the scheduler's listener: every poll is recorded,
 and a terminal outcome is written to the outbox in the same transaction that marks the execution
-terminal, before any sink sees it. Delivery then works from the outbox, so a crash at any moment
-loses nothing; the jsonl sink drops what it already holds, so nothing is written twice.
+terminal, before anyone (sinks, `results()`, subscribers) sees it. Every background task runs
+under one supervisor (an `asyncio.TaskGroup`): a task that dies fails the Monitor loudly, and
+`wait`/`results` raise `MonitorFailed`. State-store faults pause polling instead (see `storegate`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+import os
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Self
-
-import structlog
+from typing import Any, Self
 
 from monitor.api.client import ExecutionsClient
 from monitor.api.models import StatusRecord
 from monitor.clock import Clock, parse_iso
-from monitor.config import Config
+from monitor.config import Config, SinkConfig, load_config
 from monitor.delivery import Delivery
-from monitor.records import Outcome, TerminalEvent
+from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed, StoreFault
+from monitor.events import (
+    Ended,
+    Event,
+    Failed,
+    KeyRejected,
+    KeyRestored,
+    Polled,
+    StoreFaulted,
+    StoreRecovered,
+    Subscriber,
+)
+from monitor.ids import validate_execution_id
+from monitor.logs import get_logger
+from monitor.metrics import Metrics
+from monitor.records import Outcome, TerminalEvent, TrackResult, build_result_record
+from monitor.results import Result
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
 from monitor.schedule.scheduler import Scheduler
-from monitor.service.backend import EngineBackend
-from monitor.service.control import TrackResult
-from monitor.service.metrics import Metrics
-from monitor.sinks.registry import SinkHandle, build_sinks
+from monitor.secrets import Secret
+from monitor.sinks.base import Sink
+from monitor.sinks.registry import SinkHandle, build_sinks, parse_sink_spec
 from monitor.state.rows import TrackedRow, TrackRequest
 from monitor.state.store import Store
+from monitor.storegate import StoreGate
+from monitor.supervisor import Supervisor
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _METRICS_EVERY_S = 5.0
+_FLUSH_EVERY_S = 1.0  # poll bookkeeping is written in batches; a kill loses at most this much (one extra poll)
 _OUTCOMES = tuple(o.value for o in Outcome)
-StatusListener = Callable[[str, StatusRecord | None, str | None], None]
+_KEYWORD_KEYS = {"base_url": "api.base_url", "rate_limit": "api.rate_limit", "policy": "polling.policy"}
 
 
-class Engine:
-    """Config in, results out. An async context manager; `run()` is started by `__aenter__`."""
+class NotTrackedError(ExecmonError, LookupError):
+    """`wait`/`results` for an execution that is not tracked (never, or no longer)."""
 
-    def __init__(self, config: Config, *, state_path: str | Path | None = None) -> None:
+
+class Monitor:
+    """Track execution IDs, poll them within the key's budget, hand out every result durably.
+
+    ```
+    async with Monitor(base_url=url, api_key=key) as mon:
+        await mon.track(ids)
+        async for result in mon.results(ids):
+            ...
+    ```
+    Keywords left out come from the `EXECMON_*` environment variables, then the defaults.
+    `state=None` keeps everything in memory; a path is an SQLite file with the durability of
+    `execmon watch --state` (a restart resumes; nothing is delivered twice to the file sink).
+    `sinks`: specs such as `"jsonl:results.jsonl"` or `"webhook:URL"`, or Sink objects.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | Secret | None = None,
+        rate_limit: str | None = None,
+        policy: str | None = None,
+        state: str | os.PathLike[str] | None = None,
+        sinks: Sequence[str | Sink] = (),
+        config: Config | None = None,
+    ) -> None:
+        if config is None:
+            config = _config_from_keywords(base_url, api_key, rate_limit, policy, sinks)
+        elif base_url is not None or api_key is not None or rate_limit is not None or policy is not None:
+            raise TypeError("give either config= or the keywords base_url/api_key/rate_limit/policy, not both")
         self.config = config
+        self.state_path = None if state is None else Path(state)
         self.metrics = Metrics()
-        self.state_path = Path(state_path or config.state.path)
-        self.key_rejected_reason: str | None = None
-        self.terminal_listeners: list[Callable[[TerminalEvent], None]] = []
-        self.status_listeners: list[StatusListener] = []
-        self._task: asyncio.Task[None] | None = None
-        self._metrics_task: asyncio.Task[None] | None = None
-        self._sinks: list[SinkHandle] = build_sinks(config.sinks)
-        self._store: Store | None = None
-        self._client: ExecutionsClient | None = None
-        self._budget: Budget | None = None
-        self._scheduler: Scheduler | None = None
-        self._delivery: Delivery | None = None
-        self._clock: Clock | None = None
-        self.backend = EngineBackend(self)
+        self._sinks = build_sinks(config.sinks) + _sink_objects(sinks)
+        self._subscribers: list[Subscriber] = []
+        self._waiters: set[asyncio.Queue[Result | None]] = set()
+        self._supervisor = Supervisor(self._on_failure)
+        self._failed = asyncio.Event()
+        self._parts: _Parts | None = None
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Monitor:
+        """A Monitor from a TOML config file (`config.example.toml` documents it).
+
+        Overrides are the constructor's keywords (`base_url=`, `state=`, `sinks=`, ...); the state
+        file is `[state] path` unless `state=` is given (`state=None`: in memory).
+        """
+        state = overrides.pop("state", ...)
+        sinks = overrides.pop("sinks", ())
+        flags = {_KEYWORD_KEYS[k]: v for k, v in overrides.items() if k in _KEYWORD_KEYS and v is not None}
+        unknown = set(overrides) - set(_KEYWORD_KEYS) - {"api_key"}
+        if unknown:
+            raise TypeError(f"unknown override(s): {', '.join(sorted(unknown))}")
+        if any(isinstance(s, str) for s in sinks):
+            flags["sinks"] = [parse_sink_spec(s) for s in sinks if isinstance(s, str)]
+        config = load_config(None if path is None else Path(path), overrides=flags)
+        if overrides.get("api_key") is not None:
+            config = dataclasses.replace(config, env_api_key=_secret(overrides["api_key"]))
+        monitor = cls(config=config, state=config.state.path if state is ... else state)
+        monitor._sinks += _sink_objects(sinks)
+        return monitor
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._clock = Clock()
-        self._store = Store.open(self.state_path)
+        if self._parts is not None or self._closed:
+            raise RuntimeError("a Monitor runs once: make a new one")
+        clock = Clock()
+        store = Store.open(self.state_path)  # None: in memory
         try:
-            self._delivery = Delivery(self._store, self._sinks, self._clock, metrics=self.metrics)
-            await self._delivery.start()
-            self._client = self._new_client(self.config)
-            self._budget = self._new_budget(self.config)
-            self._scheduler = self._new_scheduler(self.config, self._client, self._budget)
-            self._resume(self._store.load_active())
-            self._task = asyncio.create_task(self._scheduler.run(), name="execmon-scheduler")
-            self._metrics_task = asyncio.create_task(self._refresh_metrics(), name="execmon-metrics")
+            gate = StoreGate(store, grace_s=self.config.state.fault_grace_s, on_change=self._on_store_change)
+            await self._supervisor.start()
+            delivery = Delivery(
+                store,
+                self._sinks,
+                clock,
+                metrics=self.metrics,
+                spawn=self._supervisor.spawner(forever=True),
+                on_store_fault=gate.report,
+            )
+            await delivery.start()
+            self._parts = parts = _Parts(clock, store, gate, delivery)
+            parts.client = client = self._new_client(self.config)
+            parts.budget = budget = self._new_budget(self.config, parts)
+            parts.scheduler = self._new_scheduler(self.config, clock, client, budget)
+            self._resume(parts.scheduler, store.load_active())
+            spawn = self._supervisor.spawn
+            spawn(parts.scheduler.run(), "execmon-scheduler", forever=True)
+            spawn(gate.run(), "execmon-store-gate", forever=True)
+            spawn(self._flush_polls(), "execmon-poll-bookkeeping", forever=True)
+            spawn(self._refresh_metrics(), "execmon-metrics", forever=True)
         except BaseException:
-            await self._close_parts()
+            await self._close_parts(store)
             raise
         return self
 
@@ -93,45 +174,30 @@ class Engine:
         Half the grace goes to in-flight polls, the rest to the sinks; whatever a sink has not
         confirmed by then stays pending in the outbox and is delivered by the next start.
         """
+        parts = self._parts
+        if parts is None or self._closed:
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()  # it reads the store, which is closed below
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics_task
-            self._metrics_task = None
-        if self._scheduler is not None:
-            await self._scheduler.stop(grace_s / 2)
-        if self._task is not None:
-            self._task.cancel()  # polls are drained by stop(); a run() not started before stop() would never end
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._delivery is not None:
-            await self._delivery.drain(timeout=max(0.0, deadline - loop.time()))
-        await self._close_parts()
+        try:
+            if self.failure is None:
+                await parts.require_scheduler().stop(grace_s / 2)
+                await parts.delivery.drain(timeout=max(0.0, deadline - loop.time()))
+        finally:
+            await self._supervisor.stop()
+            self._wake_waiters()
+            await self._close_parts(parts.store)
+            self._parts = None
 
-    async def _close_parts(self) -> None:
-        if self._delivery is not None:
-            await self._delivery.close()
-            self._delivery = None
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-    async def _refresh_metrics(self) -> None:
-        """Gauges that are cheaper to sample than to keep exact on every change."""
-        while True:
-            store, budget = self._require_store(), self.budget
-            stats = budget.stats()
-            self.metrics.set_budget(stats.used, stats.free)
-            self.metrics.set_tracked(
-                {state: store.count_executions(state) for state in ("pending", "running", *_OUTCOMES)}
-            )
-            await asyncio.sleep(_METRICS_EVERY_S)
+    async def _close_parts(self, store: Store) -> None:
+        parts = self._parts
+        if parts is not None:
+            await parts.delivery.close()
+            if parts.client is not None:
+                await parts.client.close()
+        await self._supervisor.stop()
+        store.close()  # flushes the poll bookkeeping first
 
     # -- building the parts --------------------------------------------------------------------
 
@@ -144,9 +210,9 @@ class Engine:
             retry_after_cap_s=config.api.retry_after_cap_s,
         )
 
-    def _new_budget(self, config: Config) -> Budget:
+    def _new_budget(self, config: Config, parts: _Parts) -> Budget:
         """The key's budget, primed with what the previous process spent (persisted per request)."""
-        store, clock = self._require_store(), self._require_clock()
+        store, clock = parts.store, parts.clock
         now = clock.wall()
         timeout = config.api.request_timeout_s
         history = []
@@ -164,26 +230,37 @@ class Engine:
         )
 
     def _request_done(self, row: object, loop_t: float | None) -> None:
-        if self._store is not None and isinstance(row, int) and loop_t is not None:
-            self._store.complete_request(row, self._require_clock().wall(loop_t))
+        parts = self._parts
+        if parts is None or not isinstance(row, int) or loop_t is None:
+            return
+        try:
+            parts.store.complete_request(row, parts.clock.wall(loop_t))
+        except StoreFault as exc:  # the request stays counted as unanswered: safe, only a bit slower
+            parts.gate.report(exc)
 
-    def _new_scheduler(self, config: Config, client: ExecutionsClient, budget: Budget) -> Scheduler:
+    def _new_scheduler(self, config: Config, clock: Clock, client: ExecutionsClient, budget: Budget) -> Scheduler:
         polling = config.polling
+        policy = make_policy(
+            polling.policy,
+            initial_interval_s=polling.initial_interval_s,
+            backoff_factor=polling.backoff_factor,
+            max_interval_s=polling.max_interval_s,
+        )
         return Scheduler(
             client,
             budget,
-            make_policy(polling.policy),
-            self._require_clock(),
+            policy,
+            clock,
             max_in_flight=polling.max_in_flight,
             not_found_confirmations=polling.not_found_confirmations,
             not_found_min_span_s=polling.not_found_min_span_s,
             error_backoff_base_s=polling.error_backoff_base_s,
             error_backoff_cap_s=polling.error_backoff_cap_s,
             listener=self,
+            spawn=self._supervisor.spawner(),
         )
 
-    def _resume(self, rows: Iterable[TrackedRow]) -> None:
-        scheduler = self._require_scheduler()
+    def _resume(self, scheduler: Scheduler, rows: Iterable[TrackedRow]) -> None:
         count = 0
         for row in rows:
             # The deadline counts from the original tracked_since, which the restored state keeps.
@@ -199,130 +276,343 @@ class Engine:
         if count:
             log.info("resumed tracked executions", count=count, state=str(self.state_path))
 
-    # -- what sources call ---------------------------------------------------------------------
+    # -- background work -----------------------------------------------------------------------
 
-    def track(
+    async def _flush_polls(self) -> None:
+        """Poll bookkeeping (schedules, last statuses) goes to the store in one transaction a second."""
+        parts = self._require_parts()
+        while True:
+            await asyncio.sleep(_FLUSH_EVERY_S)
+            try:
+                parts.store.flush_polls()
+            except StoreFault as exc:
+                parts.gate.report(exc)
+
+    async def _refresh_metrics(self) -> None:
+        """Gauges that are cheaper to sample than to keep exact on every change."""
+        parts = self._require_parts()
+        while True:
+            stats = parts.require_budget().stats()
+            self.metrics.set_budget(stats.used, stats.free)
+            try:
+                counts = {state: parts.store.count_executions(state) for state in ("pending", "running", *_OUTCOMES)}
+            except StoreFault as exc:
+                parts.gate.report(exc)
+            else:
+                self.metrics.set_tracked(counts)
+            await asyncio.sleep(_METRICS_EVERY_S)
+
+    # -- the Python API ----------------------------------------------------------------------------
+
+    async def track(
         self,
         ids: Iterable[str],
+        *,
+        group: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        deadline: float | timedelta | None = None,
+    ) -> TrackResult:
+        """Start watching IDs. Every ID is validated first: an invalid one raises ValueError (an
+        ExecmonError too) and nothing is tracked. IDs tracked or ended already are left as they are.
+        `deadline`: seconds (or a timedelta) after which a still-running execution is `timed_out`."""
+        wanted = list(dict.fromkeys(ids))
+        for execution_id in wanted:
+            validate_execution_id(execution_id)
+        deadline_s = deadline.total_seconds() if isinstance(deadline, timedelta) else deadline
+        return self.track_valid(wanted, deadline_s=deadline_s, group=group, labels=labels)
+
+    def track_valid(
+        self,
+        ids: Sequence[str],
         *,
         deadline_s: float | None = None,
         group: str | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> TrackResult:
-        """Track validated IDs (persisted first, then scheduled). Tracked ones are left as they are."""
-        store, clock, scheduler = self._require_store(), self._require_clock(), self._require_scheduler()
-        wanted = list(dict.fromkeys(ids))
+        """`track` for IDs already validated (persisted first, then scheduled)."""
+        parts = self._require_running()
         if deadline_s is None and self.config.polling.deadline_s > 0:
             deadline_s = self.config.polling.deadline_s
-        now = clock.wall()
+        now = parts.clock.wall()
         deadline_at = None if deadline_s is None else now + deadline_s
         label_map = dict(labels or {})
         requests = [
-            TrackRequest(i, tracked_since=now, deadline_at=deadline_at, group=group, labels=label_map) for i in wanted
+            TrackRequest(i, tracked_since=now, deadline_at=deadline_at, group=group, labels=label_map) for i in ids
         ]
-        added = store.track_many(requests)
+        try:
+            added = parts.store.track_many(requests)
+        except StoreFault as exc:
+            parts.gate.report(exc)
+            raise
+        scheduler = parts.require_scheduler()
         for execution_id in added:
             scheduler.track(execution_id, deadline_s=deadline_s, group=group, labels=label_map)
         fresh = set(added)
-        return TrackResult(added, [i for i in wanted if i not in fresh])
+        return TrackResult(added, [i for i in ids if i not in fresh])
 
     def untrack(self, execution_id: str) -> bool:
-        self._require_scheduler().untrack(execution_id)
-        return self._require_store().untrack(execution_id)
+        """Stop watching one ID (a pending delivery of its result stays). False if it was not tracked."""
+        parts = self._require_running()
+        parts.require_scheduler().untrack(execution_id)
+        removed = parts.store.untrack(execution_id)
+        if removed:
+            self._wake_waiters()  # a `results()` waiting for it raises NotTrackedError
+        return removed
+
+    async def results(self, ids: Iterable[str]) -> AsyncGenerator[Result, None]:
+        """Each execution's Result as it ends (those ended already first), then stop.
+
+        Raises KeyRejectedError when the key is rejected, MonitorFailed when execmon cannot go
+        on, and NotTrackedError for an ID that is not tracked: never hangs silently.
+        """
+        wanted = list(dict.fromkeys(ids))
+        parts = self._require_parts()
+        queue: asyncio.Queue[Result | None] = asyncio.Queue()
+        self._waiters.add(queue)  # before reading the store: nothing can end unseen in between
+        try:
+            pending = set(wanted)
+            for record in parts.store.terminal_records(wanted).values():
+                pending.discard(str(record["execution_id"]))
+                yield Result.from_record(record)
+            check_tracked = True  # at first, then after each wake-up (an untrack may be the reason)
+            while pending:
+                self._raise_if_cannot_finish(pending if check_tracked else set())
+                item = await queue.get()
+                check_tracked = item is None
+                if item is not None and item.execution_id in pending:
+                    pending.discard(item.execution_id)
+                    yield item
+        finally:
+            self._waiters.discard(queue)
+
+    async def wait(self, ids: Iterable[str], *, timeout: float | None = None) -> dict[str, Result]:  # noqa: ASYNC109 -- the contract's signature
+        """{execution_id: Result} once every one has ended; TimeoutError after `timeout` seconds."""
+        async with asyncio.timeout(timeout), contextlib.aclosing(self.results(ids)) as stream:
+            return {result.execution_id: result async for result in stream}
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(event)` for every event (see `monitor.events`); returns the unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
 
     @property
-    def clock(self) -> Clock:
-        return self._require_clock()
+    def failure(self) -> MonitorFailed | None:
+        """Why the Monitor stopped working, once it has (None while it works)."""
+        return self._supervisor.failure
 
     @property
-    def store(self) -> Store:
-        return self._require_store()
-
-    @property
-    def scheduler(self) -> Scheduler:
-        return self._require_scheduler()
-
-    @property
-    def budget(self) -> Budget:
-        if self._budget is None:
-            raise RuntimeError("the engine is not running")
-        return self._budget
-
-    @property
-    def delivery(self) -> Delivery:
-        if self._delivery is None:
-            raise RuntimeError("the engine is not running")
-        return self._delivery
+    def key_rejected(self) -> str | None:
+        """The reason, while the API key is rejected (owned by the scheduler)."""
+        parts = self._parts
+        scheduler = None if parts is None else parts.scheduler
+        return None if scheduler is None else scheduler.key_rejected
 
     def health(self) -> tuple[bool, str | None]:
-        if self.key_rejected_reason is not None:
-            return False, self.key_rejected_reason
-        return True, None
+        """(True, None) while polling can go on and results can be recorded; else the reasons."""
+        reasons = [r for r in (self._failure_text(), self.key_rejected, self._store_fault_text()) if r]
+        return (not reasons, "; ".join(reasons) or None)
+
+    async def wait_failed(self) -> MonitorFailed:
+        """Return the failure once the Monitor has failed (for a front end to exit on)."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
 
     async def reload(self, config: Config) -> None:
         """Apply a new config (key, base URL, rate limit, sinks) without losing state; polling settings
         need a restart. Everything that can fail is built before anything is swapped."""
+        parts = self._require_running()
         sinks = build_sinks(config.sinks) if config.sinks != self.config.sinks else None
         client = self._new_client(config)
-        old_client = self._client
+        old_client = parts.client
         self.config = config
-        self._client = client
-        if config.api.rate_limit != self.budget.rate:
-            self.budget.set_rate(config.api.rate_limit)
-        self._require_scheduler().resume(client)
-        self.key_rejected_reason = None
+        parts.client = client
+        budget = parts.require_budget()
+        if config.api.rate_limit != budget.rate:
+            budget.set_rate(config.api.rate_limit)
+        was_rejected = self.key_rejected is not None
+        parts.require_scheduler().resume(client)
+        if was_rejected:
+            self._publish(KeyRestored())
         if sinks is not None:
-            await self.delivery.replace_sinks(sinks)
+            await parts.delivery.replace_sinks(sinks)
             self._sinks = sinks
         if old_client is not None:
             await old_client.close()
         log.info("configuration reloaded", source=config.source)
 
+    # -- the parts, for the front ends (live view, control API) --------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        return self._require_parts().clock
+
+    @property
+    def store(self) -> Store:
+        return self._require_parts().store
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._require_parts().require_scheduler()
+
+    @property
+    def budget(self) -> Budget:
+        return self._require_parts().require_budget()
+
+    @property
+    def delivery(self) -> Delivery:
+        return self._require_parts().delivery
+
+    def outcomes(self, ids: Iterable[str]) -> dict[str, Outcome]:
+        return self.store.results(ids)
+
     # -- the scheduler's listener ----------------------------------------------------------------
 
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
         self.metrics.request(status.status.value if status is not None else "error")
-        scheduler, store = self._require_scheduler(), self._require_store()
-        state = scheduler.export_state(execution_id)
+        parts = self._require_parts()
+        state = parts.require_scheduler().export_state(execution_id)
         if state is not None:
-            store.save_poll(execution_id, state, status.raw if status else None, int(state.get("polls", 0)))
-        for listener in self.status_listeners:
-            listener(execution_id, status, error)
+            parts.store.save_poll(execution_id, state, status.raw if status else None, int(state.get("polls", 0)))
+        self._publish(Polled(execution_id, status, error))
 
     async def on_terminal(self, event: TerminalEvent) -> None:
-        self.delivery.submit(event)
-        finished = parse_iso(event.status.finished_at or "") if event.status is not None else None
-        if finished is not None:
-            self.metrics.observe_detection_delay(max(0.0, event.observed_at - finished))
-        for listener in self.terminal_listeners:
-            listener(event)
+        parts = self._require_parts()
+        record = build_result_record(event)
+        try:
+            finished = parts.delivery.submit_record(record, event)
+        except StoreFault as exc:
+            parts.gate.report(exc)
+            raise  # the scheduler keeps the execution and asks again once the store records
+        if not finished.newly_terminal:
+            return
+        stamp = parse_iso(event.status.finished_at or "") if event.status is not None else None
+        if stamp is not None:
+            self.metrics.observe_detection_delay(max(0.0, event.observed_at - stamp))
+        result = Result.from_record(record)
+        for queue in self._waiters:
+            queue.put_nowait(result)
+        self._publish(Ended(result, event))
 
-    def on_key_rejected(self) -> None:
-        self.key_rejected_reason = "the API key was rejected (401): fix the key and reload (SIGHUP)"
-        log.error("API key rejected; polling with this key has stopped", hint="fix the key, then reload")
-        for listener in self.status_listeners:
-            listener("", None, "key_rejected")
+    def on_key_rejected(self, reason: str) -> None:
+        # The front ends say it in their own words (watch: one line and exit 3; the daemon: a log
+        # line and /healthz 503); a library caller gets KeyRejectedError from wait/results.
+        log.debug("API key rejected; polling with this key has stopped", reason=reason)
+        self._wake_waiters()
+        self._publish(KeyRejected(reason))
 
     def on_throttled(self, retry_after_s: float | None) -> None:
         self.metrics.throttled()
         log.warning("throttled by the server (429); pausing the key", retry_after_s=retry_after_s)
 
-    # -- helpers -----------------------------------------------------------------------------
+    def on_store_fault(self, exc: StoreFault) -> None:
+        self._require_parts().gate.report(exc)
 
-    def _require_store(self) -> Store:
-        if self._store is None:
-            raise RuntimeError("the engine is not running")
-        return self._store
+    # -- helpers -------------------------------------------------------------------------------
 
-    def _require_clock(self) -> Clock:
-        if self._clock is None:
-            raise RuntimeError("the engine is not running")
-        return self._clock
+    def _publish(self, event: Event) -> None:
+        for subscriber in list(self._subscribers):
+            subscriber(event)
 
-    def _require_scheduler(self) -> Scheduler:
-        if self._scheduler is None:
-            raise RuntimeError("the engine is not running")
-        return self._scheduler
+    def _on_store_change(self, reason: str | None) -> None:
+        scheduler = self._parts.scheduler if self._parts is not None else None
+        self.metrics.set_store_healthy(reason is None)
+        if reason is None:
+            if scheduler is not None:
+                scheduler.release_hold("store")
+            self._publish(StoreRecovered())
+        else:
+            self.metrics.store_fault()
+            if scheduler is not None:
+                scheduler.hold("store")
+            self._publish(StoreFaulted(reason))
 
-    def outcomes(self, ids: Iterable[str]) -> dict[str, Outcome]:
-        return self._require_store().results(ids)
+    def _on_failure(self, failure: MonitorFailed) -> None:
+        self._failed.set()
+        self._wake_waiters()
+        self._publish(Failed(failure))
+
+    def _wake_waiters(self) -> None:
+        for queue in self._waiters:
+            queue.put_nowait(None)
+
+    def _raise_if_cannot_finish(self, pending: set[str]) -> None:
+        failure = self.failure
+        if failure is not None:
+            raise MonitorFailed(str(failure)) from failure.__cause__
+        if self._closed:
+            raise MonitorFailed("the Monitor was shut down before these executions ended")
+        if self.key_rejected is not None:
+            raise KeyRejectedError(self.key_rejected)
+        missing = pending - self.store.tracked_among(pending) if pending else set()
+        if missing:
+            raise NotTrackedError(f"not tracked: {', '.join(sorted(missing)[:5])}; call track() first")
+
+    def _failure_text(self) -> str | None:
+        return None if self.failure is None else str(self.failure)
+
+    def _store_fault_text(self) -> str | None:
+        return None if self._parts is None else self._parts.gate.reason
+
+    def _require_parts(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError("the Monitor is not running: use `async with Monitor(...) as mon:`")
+        return self._parts
+
+    def _require_running(self) -> _Parts:
+        if self.failure is not None:
+            raise MonitorFailed(str(self.failure)) from self.failure.__cause__
+        return self._require_parts()
+
+
+@dataclasses.dataclass(slots=True)
+class _Parts:
+    """What a running Monitor holds; built in order by `__aenter__`."""
+
+    clock: Clock
+    store: Store
+    gate: StoreGate
+    delivery: Delivery
+    client: ExecutionsClient | None = None
+    budget: Budget | None = None
+    scheduler: Scheduler | None = None
+
+    def require_scheduler(self) -> Scheduler:
+        assert self.scheduler is not None, "the scheduler is built in __aenter__"
+        return self.scheduler
+
+    def require_budget(self) -> Budget:
+        assert self.budget is not None, "the budget is built in __aenter__"
+        return self.budget
+
+
+def _secret(value: str | Secret) -> Secret:
+    return value if isinstance(value, Secret) else Secret(value)
+
+
+def _config_from_keywords(
+    base_url: str | None,
+    api_key: str | Secret | None,
+    rate_limit: str | None,
+    policy: str | None,
+    sinks: Sequence[str | Sink],
+) -> Config:
+    given = {"base_url": base_url, "rate_limit": rate_limit, "policy": policy}
+    flags: dict[str, Any] = {_KEYWORD_KEYS[k]: v for k, v in given.items() if v is not None}
+    specs = [s for s in sinks if isinstance(s, str)]
+    if specs:
+        flags["sinks"] = [parse_sink_spec(s) for s in specs]
+    config = load_config(None, overrides=flags)
+    return config if api_key is None else dataclasses.replace(config, env_api_key=_secret(api_key))
+
+
+def _sink_objects(sinks: Sequence[str | Sink]) -> list[SinkHandle]:
+    """Sink objects given to the constructor, with default delivery settings, named by class."""
+    handles = []
+    for index, sink in enumerate(sinks, start=1):
+        if isinstance(sink, str):
+            continue
+        name = getattr(sink, "name", None) or f"{type(sink).__name__}#{index}"
+        sink.name = name
+        handles.append(SinkHandle(name, sink, SinkConfig(type=type(sink).__name__, index=index, source="Monitor")))
+    return handles

@@ -3,6 +3,12 @@
 JSON lines when the stream is not a terminal, the console renderer when it is. Every line passes a
 redaction processor (registered secrets, see `monitor.secrets`) after exception formatting and
 before rendering, so no secret reaches a line whatever the logging call passed.
+
+As a library execmon is quiet: modules log through `get_logger(__name__)`, which prints nothing and
+configures nothing. Until structlog is configured (by `configure_logging`, by the application, or by
+`structlog.testing.capture_logs`), each event becomes one record on the stdlib logger of that name,
+under `monitor`, which has only a `NullHandler`: it shows wherever the application's logging
+configuration shows records, and nowhere otherwise.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -18,6 +24,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from monitor.errors import UsageError
 from monitor.secrets import redact
 
+LIBRARY_LOGGER = "monitor"  # the parent of every logger execmon creates
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")
 _HANDLER_MARK = "_execmon_handler"
@@ -58,6 +65,86 @@ def _redact_key(key: object) -> object:
 def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """structlog processor: redact every value (event text and formatted exception included)."""
     return {key: redact_value(value) for key, value in event_dict.items()}
+
+
+class LibraryLogger:
+    """What `get_logger` returns: structlog's calling style, quiet until the application asks.
+
+    Once structlog is configured, an event goes through that configuration, as it would through
+    `structlog.get_logger(name)`. Before that, it becomes a record on `logging.getLogger(name)`
+    (the event, then key=value pairs, redacted, and a traceback below them), built only when that
+    logger is enabled for the level, so a debug line on the poll path costs two checks.
+    """
+
+    __slots__ = ("_configured", "_context", "_name", "_stdlib")
+
+    def __init__(self, name: str, context: Mapping[str, Any] | None = None) -> None:
+        self._name = name
+        self._context = dict(context or {})
+        self._stdlib = logging.getLogger(name)
+        # Lazy: it reads the global configuration on each call, so a later configure() applies.
+        self._configured: Any = structlog.get_logger(name, **self._context)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def bind(self, **fields: Any) -> LibraryLogger:
+        """A logger that adds `fields` to every event (as structlog's `bind`)."""
+        return LibraryLogger(self._name, {**self._context, **fields})
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, "debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, "info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, "warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, "error", event, fields)
+
+    def critical(self, event: str, **fields: Any) -> None:
+        self._log(logging.CRITICAL, "critical", event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        """An error with the exception being handled (its traceback, redacted)."""
+        self._log(logging.ERROR, "exception", event, fields)
+
+    def _log(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            getattr(self._configured, method)(event, **fields)
+            return
+        if not self._stdlib.isEnabledFor(level):  # the stdlib caches this answer per logger
+            return
+        if method == "exception":
+            fields.setdefault("exc_info", True)
+        stack_info = bool(fields.pop("stack_info", False))
+        message = _message(event, {**structlog.contextvars.get_contextvars(), **self._context, **fields})
+        # stacklevel 3: the record names the module that logged, not this class.
+        self._stdlib.log(level, message, stack_info=stack_info, stacklevel=3)
+
+
+def get_logger(name: str) -> LibraryLogger:
+    """The logger every execmon module uses: `log = get_logger(__name__)`. See `LibraryLogger`."""
+    return LibraryLogger(name)
+
+
+def _message(event: str, fields: dict[str, Any]) -> str:
+    """`event k=v ...` with every secret redacted; a formatted traceback on the lines below."""
+    formatted = structlog.processors.format_exc_info(None, "", {"event": event, **fields})
+    clean = redact_secrets(None, "", formatted)
+    trace = clean.pop("exception", None)
+    text = " ".join([str(clean.pop("event")), *(f"{key}={_shown(value)}" for key, value in clean.items())])
+    return text if trace is None else f"{text}\n{trace}"
+
+
+def _shown(value: object) -> str:
+    """A value as the console renderer shows it: plain words bare, anything else as its repr."""
+    if isinstance(value, str) and value and not any(c.isspace() or c in "=\"'" for c in value):
+        return value
+    return repr(value)
 
 
 def check_level(level: str) -> str:

@@ -41,6 +41,14 @@ class TerminalEvent:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class TrackResult:
+    """What a `track` call did: IDs newly tracked, and IDs left as they were."""
+
+    added: list[str] = field(default_factory=list)
+    already_tracked: list[str] = field(default_factory=list)
+
+
 def event_id(execution_id: str, outcome: Outcome | str) -> str:
     """Stable per execution and outcome, so that a receiver can drop a redelivery."""
     digest = hashlib.sha256(f"execution:{execution_id}:{outcome}".encode()).hexdigest()

@@ -1,8 +1,9 @@
 """`execmon watch`: track a fixed set of IDs until each one's result has reached every sink.
 
-The same engine as the daemon (SQLite state, outbox, delivery); without `--state` the state lives
-in a temporary file that is removed at the end. The watch ends when every ID is terminal and
-nothing deliverable is left in the outbox; the exit status follows the contract.
+A thin front end over `Monitor` (the one engine): without `--state` the Monitor keeps its state in
+memory; with it, in that SQLite file, so that a killed watch resumes. The watch ends when every
+ID is terminal and nothing deliverable is left in the outbox. It returns 0 (all completed) or 1;
+errors (a rejected key, a Monitor that cannot go on) are raised and mapped by `monitor.cli`.
 """
 
 from __future__ import annotations
@@ -11,23 +12,21 @@ import asyncio
 import contextlib
 import signal
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import structlog
 
 from monitor.api.client import check_reachable
-from monitor.api.models import StatusRecord
 from monitor.config import Config
-from monitor.engine import Engine
-from monitor.records import Outcome, TerminalEvent
+from monitor.engine import Monitor
+from monitor.errors import KeyRejectedError, MonitorFailed
+from monitor.events import Ended, Event, Polled
+from monitor.logs import get_logger
+from monitor.records import Outcome
 from monitor.watch_view import LiveView, WatchStats
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
-EXIT_OK, EXIT_NOT_ALL_COMPLETED, EXIT_KEY_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_NOT_ALL_COMPLETED, EXIT_INTERRUPTED = 0, 1, 130
 _TICK_S = 0.2
 
 
@@ -44,22 +43,26 @@ class WatchOptions:
 
 
 class Watch:
-    """One run of `execmon watch` on an engine."""
+    """One run of `execmon watch` on a running Monitor."""
 
-    def __init__(self, engine: Engine, options: WatchOptions) -> None:
-        self.engine = engine
+    def __init__(self, monitor: Monitor, options: WatchOptions) -> None:
+        self.monitor = monitor
         self.options = options
         self.ids = options.ids
         self._id_set = frozenset(options.ids)
-        self.stats = WatchStats(total=len(options.ids), rate=engine.config.api.rate_limit)
+        self.stats = WatchStats(total=len(options.ids), rate=monitor.config.api.rate_limit)
         self._last_state: dict[str, str] = {}
         self._failed_early: Outcome | None = None
-        engine.status_listeners.append(self._on_status)
-        engine.terminal_listeners.append(self._on_terminal)
+        monitor.subscribe(self._on_event)
 
-    def _on_status(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
-        if not execution_id:
-            return
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Polled):
+            self._on_status(event)
+        elif isinstance(event, Ended):
+            self._on_ended(event)
+
+    def _on_status(self, polled: Polled) -> None:
+        execution_id, status, error = polled.execution_id, polled.status, polled.error
         self.stats.requests += 1
         if status is not None:
             self.stats.progress[execution_id] = status.progress or 0
@@ -70,7 +73,8 @@ class Watch:
                 progress = status.progress if status is not None else None
                 log.info("execution state", execution_id=execution_id, state=state, progress=progress)
 
-    def _on_terminal(self, event: TerminalEvent) -> None:
+    def _on_ended(self, ended: Ended) -> None:
+        event = ended.event
         self.stats.record_outcome(event)
         if not self.options.quiet and not self.options.live:
             log.info("execution finished", execution_id=event.execution_id, outcome=event.outcome.value)
@@ -78,31 +82,29 @@ class Watch:
             self._failed_early = event.outcome
 
     async def run(self) -> int:
-        engine = self.engine
-        result = engine.track(self.ids, deadline_s=self.options.timeout_s, group=self.options.group)
+        monitor = self.monitor
+        result = monitor.track_valid(self.ids, deadline_s=self.options.timeout_s, group=self.options.group)
         if result.already_tracked:
-            known = engine.outcomes(result.already_tracked)
+            known = monitor.outcomes(result.already_tracked)
             log.info("resuming", already_tracked=len(result.already_tracked), already_finished=len(known))
-        self.stats.preload(engine.outcomes(self.ids))
+        self.stats.preload(monitor.outcomes(self.ids))
         view = LiveView(self.stats) if self.options.live else None
         with view if view is not None else contextlib.nullcontext():
             code = await self._wait(view)
         # The summary comes after the live view has drawn its last frame.
-        return self._finish(self.engine.outcomes(self.ids)) if code is None else code
+        return self._finish(self.monitor.outcomes(self.ids)) if code is None else code
 
     async def _wait(self, view: LiveView | None) -> int | None:
         """Until every ID is terminal and delivered (None), or an early exit code."""
-        engine = self.engine
+        monitor = self.monitor
         while True:
             if view is not None:
-                self.stats.budget_used = engine.budget.stats().used
+                self.stats.budget_used = monitor.budget.stats().used
                 self.stats.slowest_eta_s = self._slowest_eta_s()
                 view.refresh()
-            if engine.key_rejected_reason is not None:
-                log.error("the API key was rejected (401): set EXECMON_API_KEY to a valid key")
-                return EXIT_KEY_REJECTED
+            self._raise_if_cannot_go_on()
             if self._failed_early is not None:
-                await engine.delivery.drain(timeout=engine.config.control.grace_s)
+                await monitor.delivery.drain(timeout=monitor.config.control.grace_s)
                 log.error("stopping early (--fail-fast)", outcome=self._failed_early.value)
                 return EXIT_NOT_ALL_COMPLETED
             # The in-memory outcomes (preloaded + listener) say when to ask the store; the store
@@ -111,13 +113,21 @@ class Watch:
                 return None
             await asyncio.sleep(_TICK_S)
 
+    def _raise_if_cannot_go_on(self) -> None:
+        monitor = self.monitor
+        if monitor.failure is not None:
+            raise MonitorFailed(f"{monitor.failure}; run the same command again to resume") from None
+        if monitor.key_rejected is not None:
+            key_source = monitor.config.api.api_key_file or monitor.config.api.api_key_env
+            raise KeyRejectedError(f"the API key was rejected (401 unauthorized): put a valid key in {key_source}")
+
     def _store_says_done(self) -> bool:
-        store = self.engine.store
+        store = self.monitor.store
         return len(store.results(self.ids)) == len(self.ids) and store.pending_count() == 0
 
     def _slowest_eta_s(self) -> float | None:
         """Seconds until the latest predicted finish among the running executions, if any is known."""
-        scheduler, now = self.engine.scheduler, self.engine.clock.wall()
+        scheduler, now = self.monitor.scheduler, self.monitor.clock.wall()
         etas = [
             float(snap["eta"])
             for execution_id in self.ids
@@ -128,7 +138,7 @@ class Watch:
         return max(0.0, max(etas) - now) if etas else None
 
     def _finish(self, outcomes: dict[str, Outcome]) -> int:
-        dead = self.engine.store.dead_letters()
+        dead = self.monitor.store.dead_letters()
         counts = Counter(o.value for o in outcomes.values())
         if self.options.live:
             self.stats.print_summary(counts, dead=len(dead))
@@ -137,36 +147,36 @@ class Watch:
         if dead:
             for row in dead[:10]:
                 log.error(
-                    "result not delivered (dead letter)", sink=row.sink, event_id=row.event_id, reason=row.last_error
+                    "result not delivered (dead letter)",
+                    sink=row.sink,
+                    event_id=row.event_id,
+                    execution_id=row.execution_id,
+                    reason=row.last_error,
                 )
-            log.error(
-                "some results could not be delivered",
-                dead_letters=len(dead),
-                hint="`execmon dead-letters --state PATH` lists them; `--retry` sends them again",
-            )
+            log.error("some results could not be delivered", dead_letters=len(dead), hint=self._dead_letter_hint())
             return EXIT_NOT_ALL_COMPLETED
         if all(o is Outcome.COMPLETED for o in outcomes.values()) and not self.options.rejected:
             return EXIT_OK
         return EXIT_NOT_ALL_COMPLETED
 
+    def _dead_letter_hint(self) -> str:
+        path = self.options.state_path
+        if path is None:
+            return "without --state they end with this process; run with --state FILE to keep them for a retry"
+        return f"`execmon dead-letters --state {path}` lists them; `--retry` sends them again"
+
 
 async def run_watch(config: Config, options: WatchOptions) -> int:
-    """Run a watch to its end; the state file is temporary unless `--state` was given."""
-    with contextlib.ExitStack() as stack:
-        state_path = options.state_path
-        if state_path is None:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="execmon-watch-"))
-            state_path = str(Path(tmp) / "watch.db")
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        if task is not None:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
-        await check_reachable(config.api.base_url, config.api.request_timeout_s)
-        try:
-            async with Engine(config, state_path=state_path) as engine:
-                return await Watch(engine, options).run()
-        except asyncio.CancelledError:
-            print("execmon watch: interrupted; state is kept when --state is given", file=sys.stderr)
-            return EXIT_INTERRUPTED
-    return EXIT_INTERRUPTED
+    """Run a watch to its end; the state is in memory unless `--state` was given."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+    await check_reachable(config.api.base_url, config.api.request_timeout_s)
+    try:
+        async with Monitor(config=config, state=options.state_path) as monitor:
+            return await Watch(monitor, options).run()
+    except asyncio.CancelledError:
+        print("execmon watch: interrupted; state is kept when --state is given", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -80,7 +80,15 @@ class LiveView:
     def __init__(self, stats: WatchStats) -> None:
         self.stats = stats
         self.console = Console(stderr=True)
-        self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+        # Live captures sys.stdout by default, which would swallow the stdout sink's records
+        # (`execmon watch > out.jsonl` wrote nothing): stdout is for records only, never touched.
+        self._live = Live(
+            console=self.console,
+            refresh_per_second=4,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
 
     def __enter__(self) -> LiveView:
         self._live.__enter__()

@@ -11,8 +11,10 @@ from typing import Any
 
 from monitor.clock import iso_utc
 from monitor.config import Config
-from monitor.service.control import ControlServer, ControlState, TrackResult, create_control_app
-from monitor.service.metrics import Metrics
+from monitor.errors import MonitorFailed
+from monitor.records import TrackResult
+from monitor.service.control import ControlServer, ControlState, create_control_app
+from monitor.metrics import Metrics
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "not_found", "timed_out"})
 
@@ -117,7 +119,7 @@ def serve_in_thread(state: ControlState, *, max_body_bytes: int = 1_048_576) -> 
 
 
 class FakeEngine:
-    """Stands in for `monitor.engine.Engine` in the daemon's lifecycle tests."""
+    """Stands in for `monitor.engine.Monitor` in the daemon's lifecycle tests."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -129,6 +131,12 @@ class FakeEngine:
         self.exited = False
         self.reload_error: Exception | None = None
         self.shutdown_delay_s = 0.0
+
+    failure: MonitorFailed | None = None
+
+    async def wait_failed(self) -> MonitorFailed:
+        await asyncio.Event().wait()  # a fake never fails
+        raise AssertionError("unreachable")
 
     async def __aenter__(self) -> FakeEngine:
         self.entered = True

@@ -105,6 +105,7 @@ def test_every_environment_variable_sets_its_key() -> None:
         "EXECMON_RATE_LIMIT": "30/3s",
         "EXECMON_POLICY": "backoff",
         "EXECMON_STATE": "/tmp/x.db",
+        "EXECMON_STATE_FAULT_GRACE_S": "90s",
         "EXECMON_LOG_LEVEL": "DEBUG",
         "EXECMON_CONTROL_LISTEN": "[::1]:0",
     }
@@ -114,6 +115,7 @@ def test_every_environment_variable_sets_its_key() -> None:
     assert config.api.rate_limit == RateLimit(30, 3.0)
     assert config.polling.policy is PolicyName.BACKOFF
     assert config.state.path == "/tmp/x.db"
+    assert config.state.fault_grace_s == 90.0
     assert config.logging.level == "debug"
     assert config.control.listen == ("::1", 0)
 

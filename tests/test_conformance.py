@@ -1,11 +1,10 @@
 """The vendor page's own clients, run unmodified against `execmon simulate` in a subprocess.
 
 The code is taken from the page at test time and only its URL, key and ID are replaced (as the
-acceptance check does). The page lives in the shared folder beside the project; when it is not
-there, the copy embedded below stands in (and while it is there, the copy is checked against it).
+acceptance check does). The page is read from the repo's verbatim copy, so a fresh clone runs
+these tests with nothing beside it; test_shared_copies.py checks the copy against the original in
+the shared folder whenever that is there.
 """
-
-# ruff: noqa: W293  (the embedded page is verbatim, trailing spaces on blank lines included)
 
 from __future__ import annotations
 
@@ -24,149 +23,14 @@ from typing import Any
 
 import pytest
 
-PAGE = Path(__file__).resolve().parents[2] / "shared" / "api" / "get-execution-status.md"
+# The repo's verbatim copy of ../shared/api/get-execution-status.md (test_shared_copies.py checks it).
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "vendor" / "get-execution-status.md"
 KEY = "sk_live_your_key"
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
 
-# The parts of the vendor page this test uses, copied verbatim (whitespace included).
-EMBEDDED_PAGE = """
-### Running
-
-```json
-{
-  "execution_id": "exec_1a2b3c4d5e6f",
-  "status": "running",
-  "progress": 45,
-  "current_step": "Analyzing data",
-  "updated_at": "2025-11-11T10:30:15Z"
-}
-```
-
-### Completed
-
-```json
-{
-  "execution_id": "exec_1a2b3c4d5e6f",
-  "status": "completed",
-  "progress": 100,
-  "result": "Task completed successfully with detailed results...",
-  "metadata": {
-    "execution_time": 12.5,
-    "tokens_used": 1250
-  },
-  "completed_at": "2025-11-11T10:30:30Z"
-}
-```
-
-### Failed
-
-```json
-{
-  "execution_id": "exec_1a2b3c4d5e6f",
-  "status": "failed",
-  "error": {
-    "code": "execution_error",
-    "message": "Task execution failed",
-    "details": "Detailed error information"
-  },
-  "failed_at": "2025-11-11T10:30:25Z"
-}
-```
-
-### Python with Polling
-
-```python
-import requests
-import time
-
-def wait_for_completion(execution_id, timeout=300):
-    start_time = time.time()
-    
-    while True:
-        if time.time() - start_time > timeout:
-            raise TimeoutError("Execution timed out")
-        
-        response = requests.get(
-            f"https://api.izieroma.xyz/api/v1/executions/{execution_id}/status",
-            headers={"X-API-Key": "sk_live_your_key"}
-        )
-        
-        status = response.json()
-        
-        if status["status"] == "completed":
-            return status["result"]
-        
-        if status["status"] == "failed":
-            raise Exception(status["error"]["message"])
-        
-        print(f"Progress: {status['progress']}% - {status.get('current_step', '')}")
-        time.sleep(2)
-
-result = wait_for_completion("exec_1a2b3c4d5e6f")
-print(result)
-```
-
-### JavaScript with Async/Await
-
-```javascript
-async function waitForCompletion(executionId, timeout = 300000) {
-  const startTime = Date.now();
-  
-  while (true) {
-    if (Date.now() - startTime > timeout) {
-      throw new Error("Execution timed out");
-    }
-    
-    const response = await fetch(
-      `https://api.izieroma.xyz/api/v1/executions/${executionId}/status`,
-      { headers: { "X-API-Key": "sk_live_your_key" } }
-    );
-    
-    const status = await response.json();
-    
-    if (status.status === "completed") {
-      return status.result;
-    }
-    
-    if (status.status === "failed") {
-      throw new Error(status.error.message);
-    }
-    
-    console.log(`Progress: ${status.progress}% - ${status.current_step || ""}`);
-    await new Promise(resolve => setTimeout(resolve, 2000));
-  }
-}
-
-const result = await waitForCompletion("exec_1a2b3c4d5e6f");
-console.log(result);
-```
-
-### 404 Not Found
-
-```json
-{
-  "error": {
-    "code": "not_found",
-    "message": "Execution not found"
-  }
-}
-```
-
-### 401 Unauthorized
-
-```json
-{
-  "error": {
-    "code": "unauthorized",
-    "message": "Invalid or revoked API key"
-  }
-}
-```
-"""
-
 
 def page_text() -> str:
-    return PAGE.read_text(encoding="utf-8") if PAGE.is_file() else EMBEDDED_PAGE
+    return PAGE.read_text(encoding="utf-8")
 
 
 def code_block(text: str, lang: str, needle: str) -> str:
@@ -234,16 +98,6 @@ def get(url: str, key: str = KEY) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def test_embedded_copy_matches_the_page() -> None:
-    if not PAGE.is_file():
-        pytest.fail(f"{PAGE} is missing: the other tests here ran on the embedded copy")  # loud, not silent
-    page = PAGE.read_text(encoding="utf-8")
-    for lang, needle in (("python", "wait_for_completion"), ("javascript", "waitForCompletion")):
-        assert code_block(EMBEDDED_PAGE, lang, needle) == code_block(page, lang, needle)
-    for heading in ("Running", "Completed", "Failed", "404 Not Found", "401 Unauthorized"):
-        assert json_after(EMBEDDED_PAGE, heading) == json_after(page, heading)
 
 
 def test_the_page_python_example_prints_a_result_and_raises_on_failure(sim_url: str) -> None:

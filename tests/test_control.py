@@ -24,7 +24,7 @@ from monitor.service.control import (
     is_loopback,
     openapi_document,
 )
-from monitor.service.metrics import Metrics
+from monitor.metrics import Metrics
 
 TOKEN = "test-control-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 
 from monitor.secrets import Secret
 from monitor.service.control import ControlState, openapi_document
-from monitor.service.metrics import Metrics
+from monitor.metrics import Metrics
 
 TOKEN = "schema-test-token-456"
 MAX_EXAMPLES = 40

@@ -62,6 +62,7 @@ class Setup:
             self.config,
             env={},
             engine_factory=self.factory,
+            backend_factory=lambda engine: engine.backend,
             validate_config=lambda _config: None,  # the fake engine needs no key and no sinks
             configure_logs=False,
             **kwargs,  # type: ignore[arg-type]
@@ -124,7 +125,9 @@ async def test_refuses_a_non_loopback_address_without_a_token(tmp_path: Path) ->
         engines.append(FakeEngine(config))
         return engines[-1]
 
-    daemon = Daemon(config, env={}, engine_factory=factory, configure_logs=False)
+    daemon = Daemon(
+        config, env={}, engine_factory=factory, backend_factory=lambda engine: engine.backend, configure_logs=False
+    )
     with pytest.raises(UsageError, match="without a token"):
         await daemon.__aenter__()
     assert engines == []
@@ -204,7 +207,7 @@ def factory(config):
     engine = FakeEngine(config)
     engine.shutdown_delay_s = slow
     return engine
-sys.exit(run_daemon(sys.argv[1], engine_factory=factory, validate_config=lambda config: None))
+sys.exit(run_daemon(sys.argv[1], engine_factory=factory, backend_factory=lambda e: e.backend, validate_config=lambda config: None))
 """
 
 

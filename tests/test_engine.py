@@ -14,8 +14,9 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import Config, load_config
-from monitor.engine import Engine
+from monitor.engine import Monitor
 from monitor.rates import RateLimit
+from monitor.service.backend import MonitorBackend
 from monitor.simulator.server import Simulator, SimulatorSettings, simulator_of, start_simulator
 
 KEY = "sk_test_engine_one"
@@ -67,13 +68,13 @@ async def wait_for(check: Callable[[], bool], what: str, timeout_s: float = SETT
         await asyncio.sleep(0.02)
 
 
-async def settled(engine: Engine, ids: list[str], timeout_s: float = SETTLE_S) -> None:
+async def settled(engine: Monitor, ids: list[str], timeout_s: float = SETTLE_S) -> None:
     """Every ID terminal in the store and every outbox row confirmed by its sink."""
     await wait_for(lambda: len(engine.outcomes(ids)) == len(ids), f"not all of {ids} became terminal", timeout_s)
     assert await engine.delivery.drain(timeout=timeout_s), "the outbox did not drain"
 
 
-def assert_matches_truth(sim: Simulator, engine: Engine, lines: list[dict[str, Any]], ids: list[str]) -> None:
+def assert_matches_truth(sim: Simulator, engine: Monitor, lines: list[dict[str, Any]], ids: list[str]) -> None:
     truth = truth_of(sim)
     by_id = {line["execution_id"]: line for line in lines}
     assert len(by_id) == len(lines), "an execution was written twice"
@@ -94,14 +95,14 @@ async def test_tracked_executions_end_as_one_line_each_with_the_servers_outcome(
     for execution_id, outcome, duration in zip(ids, ("completed", "failed", "cancelled"), (1.0, 1.5, 2.0), strict=True):
         simulator.create(ids=[execution_id], duration_s=duration, outcome=outcome)
     out = tmp_path / "out.jsonl"
-    async with Engine(make_config(url, tmp_path), state_path=tmp_path / "state.db") as engine:
-        first = engine.track([*ids, ids[0]])  # a repeat inside one call counts once
+    async with Monitor(config=make_config(url, tmp_path), state=tmp_path / "state.db") as engine:
+        first = engine.track_valid([*ids, ids[0]])  # a repeat inside one call counts once
         assert first.added == ids
         assert first.already_tracked == []
         since = engine.store.get(ids[0])
         assert since is not None
 
-        again = engine.track([ids[0]])
+        again = engine.track_valid([ids[0]])
         assert again.added == []
         assert again.already_tracked == [ids[0]]
         row = engine.store.get(ids[0])
@@ -117,7 +118,7 @@ async def test_tracked_executions_end_as_one_line_each_with_the_servers_outcome(
 
         # Tracking a finished ID again is reported and changes nothing: no new poll, no new line.
         requests = simulator.requests_total
-        late = engine.track(ids)
+        late = engine.track_valid(ids)
         assert late.added == []
         assert late.already_tracked == ids
         assert engine.scheduler.tracked_count == 0
@@ -140,8 +141,8 @@ async def test_a_new_engine_on_the_same_state_resumes_and_delivers_each_result_o
     state, out = tmp_path / "state.db", tmp_path / "out.jsonl"
     config = make_config(url, tmp_path)
 
-    async with Engine(config, state_path=state) as first:
-        assert first.track(ids).added == ids
+    async with Monitor(config=config, state=state) as first:
+        assert (await first.track(ids)).added == ids
         await wait_for(lambda: len(read_jsonl(out)) == len(short), "the short executions were not delivered")
         await wait_for(lambda: first.store.count_executions("running") == len(long), "the long ones were not polled")
         assert await first.delivery.drain(timeout=2)
@@ -151,7 +152,7 @@ async def test_a_new_engine_on_the_same_state_resumes_and_delivers_each_result_o
     assert all(truth_of(simulator)[i] == "running" for i in long), "stopped too late to test resuming"
     assert all(p >= 1 for p in polls_before.values())
 
-    async with Engine(config, state_path=state) as second:
+    async with Monitor(config=config, state=state) as second:
         # Nothing has been sent yet by this engine, yet the window already holds the first one's requests.
         stats = second.budget.stats()
         assert stats.requests == 0
@@ -176,9 +177,9 @@ async def test_a_revoked_key_makes_the_engine_unhealthy_until_a_reload_with_a_go
 ) -> None:
     simulator, url = sim
     ids = simulator.create(count=2, duration_s=3.0, outcome="completed")
-    async with Engine(make_config(url, tmp_path), state_path=tmp_path / "state.db") as engine:
+    async with Monitor(config=make_config(url, tmp_path), state=tmp_path / "state.db") as engine:
         assert engine.health() == (True, None)
-        engine.track(ids)
+        engine.track_valid(ids)
         await wait_for(lambda: engine.store.count_executions("running") == 2, "no answer came back")
         simulator.revoke(KEY)
         await wait_for(lambda: not engine.health()[0], "the engine stayed healthy after the key was revoked", 5)
@@ -186,7 +187,7 @@ async def test_a_revoked_key_makes_the_engine_unhealthy_until_a_reload_with_a_go
         assert reason is not None
         assert "401" in reason
         assert KEY not in reason
-        assert engine.backend.health() == (False, reason)
+        assert MonitorBackend(engine).health() == (False, reason)
 
         # Blocked: nothing more is sent with the rejected key, even after the executions have ended.
         rejected = simulator.stats()["responses"]["401"]
@@ -205,7 +206,7 @@ async def test_a_revoked_key_makes_the_engine_unhealthy_until_a_reload_with_a_go
         assert 'outcome="error"' in engine.metrics.render()[0].decode()
 
 
-def config_in_flight(engine: Engine) -> int:
+def config_in_flight(engine: Monitor) -> int:
     return engine.config.polling.max_in_flight
 
 
@@ -246,8 +247,8 @@ async def test_the_backend_view_shows_pending_running_outcome_and_delivery(
     slow = simulator.create(ids=["ex_slow"], duration_s=2.5, outcome="failed")[0]
     webhook = {"type": "webhook", "url": hook_url, "backoff_base_s": 0.05, "backoff_cap_s": 0.1, "max_attempts": 1000}
     config = make_config(url, tmp_path, sinks=[webhook])
-    async with Engine(config, state_path=tmp_path / "state.db") as engine:
-        backend = engine.backend
+    async with Monitor(config=config, state=tmp_path / "state.db") as engine:
+        backend = MonitorBackend(engine)
         await backend.track([quick, slow], deadline_s=None, group="batch", labels={"team": "qa"})
         # No await since the track: nothing can have been polled yet.
         view = backend.get_execution(quick)
@@ -291,8 +292,8 @@ async def test_the_backend_view_shows_pending_running_outcome_and_delivery(
         assert hook_ids == {quick, slow}
 
 
-def _state(engine: Engine, execution_id: str) -> str | None:
-    view = engine.backend.get_execution(execution_id)
+def _state(engine: Monitor, execution_id: str) -> str | None:
+    view = MonitorBackend(engine).get_execution(execution_id)
     return None if view is None else str(view["state"])
 
 
@@ -313,8 +314,8 @@ async def test_metrics_count_requests_by_outcome_and_observe_detection_delays(
     simulator, url = sim
     done = simulator.create(count=2, duration_s=3.0, outcome="completed")
     failed = simulator.create(count=1, duration_s=3.0, outcome="failed")
-    async with Engine(make_config(url, tmp_path), state_path=tmp_path / "state.db") as engine:
-        engine.track(done + failed)
+    async with Monitor(config=make_config(url, tmp_path), state=tmp_path / "state.db") as engine:
+        engine.track_valid(done + failed)
         await settled(engine, done + failed)
         samples = _samples(engine.metrics.render()[0].decode())
 
@@ -339,8 +340,8 @@ async def test_shutdown_leaves_no_engine_task_behind(sim: tuple[Simulator, str],
     simulator, url = sim
     ids = simulator.create(count=2, duration_s=30.0, outcome="completed")
     before = asyncio.all_tasks()
-    async with Engine(make_config(url, tmp_path), state_path=tmp_path / "state.db") as engine:
-        engine.track(ids)
+    async with Monitor(config=make_config(url, tmp_path), state=tmp_path / "state.db") as engine:
+        engine.track_valid(ids)
         await wait_for(lambda: engine.store.count_executions("running") == 2, "no answer came back")
         started = {t.get_name() for t in asyncio.all_tasks() - before}
         assert {"execmon-scheduler", "execmon-metrics"} <= started

@@ -1,4 +1,5 @@
-"""The logging pipeline: redaction before rendering, JSON on a pipe, console on a terminal."""
+"""The logging pipeline: redaction before rendering, JSON on a pipe, console on a terminal; and the
+library logger (`get_logger`), quiet until the application configures logging."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import structlog
 
 from monitor.errors import UsageError
-from monitor.logs import check_level, configure_logging, redact_value, reset_logging
+from monitor.logs import check_level, configure_logging, get_logger, redact_value, reset_logging
 from monitor.secrets import REDACTED, Secret
 
 SECRET = "sk_test_logs_9f8e7d6c5b4a"
@@ -235,3 +236,134 @@ def test_records_reaching_other_stdlib_handlers_are_redacted_too(caplog: pytest.
     assert caplog.records
     assert SECRET not in caplog.text
     assert all(SECRET not in str(record.msg) for record in caplog.records)
+
+
+# --- the library logger: quiet until the application configures logging ----------------------------
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def monitor_records() -> Iterator[list[logging.LogRecord]]:
+    """What an application's handler on the `monitor` logger (at debug) receives."""
+    handler = _Collect()
+    parent = logging.getLogger("monitor")
+    level = parent.level
+    parent.addHandler(handler)
+    parent.setLevel(logging.DEBUG)
+    yield handler.records
+    parent.removeHandler(handler)
+    parent.setLevel(level)
+
+
+class _CountsRepr:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        self.calls += 1
+        return "counted"
+
+
+def test_library_logger_prints_nothing_without_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    log = get_logger("monitor.quiet")
+    log.debug("poll", execution_id="exec_1")
+    log.info("info")
+    log.warning("warning")
+    log.error("error", key=SECRET)
+    log.critical("critical")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("exception")
+    assert capsys.readouterr() == ("", "")
+    assert not structlog.is_configured()
+
+
+def test_the_monitor_logger_has_only_a_null_handler() -> None:
+    parent = logging.getLogger("monitor")
+    assert [type(h) for h in parent.handlers] == [logging.NullHandler]  # no last-resort printing
+    assert parent.level == logging.NOTSET  # the application decides
+    assert parent.propagate
+
+
+def test_events_reach_a_handler_on_the_monitor_logger(monitor_records: list[logging.LogRecord]) -> None:
+    structlog.contextvars.bind_contextvars(execution_id="exec_1")
+    get_logger("monitor.x.y").bind(group="nightly").debug("polled", progress=45, step="two words", key=SECRET)
+    [record] = monitor_records
+    assert record.name == "monitor.x.y"
+    assert record.levelno == logging.DEBUG
+    assert (
+        record.getMessage() == f"polled execution_id=exec_1 group=nightly progress=45 step='two words' key={REDACTED}"
+    )
+    assert record.funcName == "test_events_reach_a_handler_on_the_monitor_logger"  # the caller, not the helper
+    assert record.pathname == __file__
+
+
+def test_an_exception_reaches_the_handler_formatted_and_redacted(monitor_records: list[logging.LogRecord]) -> None:
+    try:
+        raise RuntimeError(f"refused {SECRET}")
+    except RuntimeError:
+        get_logger("monitor.x").exception("poll crashed", attempt=2)
+    [record] = monitor_records
+    assert record.levelno == logging.ERROR
+    first, *trace = record.getMessage().splitlines()
+    assert first == "poll crashed attempt=2"
+    assert trace[0] == "Traceback (most recent call last):"
+    assert trace[-1] == f"RuntimeError: refused {REDACTED}"
+    assert record.exc_info is None  # already text, redacted: a handler cannot print the raw one
+
+
+def test_disabled_levels_do_no_formatting(monitor_records: list[logging.LogRecord]) -> None:
+    logging.getLogger("monitor").setLevel(logging.INFO)
+    value = _CountsRepr()
+    log = get_logger("monitor.x")
+    log.debug("skipped", value=value)
+    assert (monitor_records, value.calls) == ([], 0)
+    log.info("kept", value=value)
+    assert [r.getMessage() for r in monitor_records] == ["kept value=counted"]
+
+
+def test_configure_logging_takes_over_and_reset_makes_it_quiet_again(capsys: pytest.CaptureFixture[str]) -> None:
+    early = get_logger("monitor.x")  # made at import time, as modules do
+    stream = _configured(level="info")
+    early.debug("filtered")
+    early.info("polled", n=1)
+    [line] = _json_lines(stream.getvalue())
+    assert line == {**line, "event": "polled", "n": 1, "logger": "monitor.x", "level": "info"}
+    reset_logging()
+    early.error("after reset")
+    assert capsys.readouterr() == ("", "")
+    assert "after reset" not in stream.getvalue()
+
+
+def test_capture_logs_sees_library_logger_events() -> None:
+    log = get_logger("monitor.x")
+    with structlog.testing.capture_logs() as logs:
+        log.bind(group="g").debug("captured", k=1)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("crashed")
+    assert logs == [
+        {"event": "captured", "group": "g", "k": 1, "log_level": "debug"},
+        {"event": "crashed", "exc_info": True, "log_level": "error"},
+    ]
+
+
+def test_quiet_lines_are_plain_text(monitor_records: list[logging.LogRecord]) -> None:
+    log = get_logger("monitor.x")
+    log.info("values", empty="", quoted='say "hi"', eq="a=b", none=None, nested={"k": [1, 2]})
+    log.info("stack", stack_info=True)
+    values, stack = monitor_records
+    assert values.getMessage() == """values empty='' quoted='say "hi"' eq='a=b' none=None nested={'k': [1, 2]}"""
+    assert stack.getMessage() == "stack"
+    assert stack.stack_info is not None
+    assert "test_quiet_lines_are_plain_text" in stack.stack_info

@@ -110,14 +110,14 @@ def test_fit_through_the_origin_recovers_a_linear_run() -> None:
 
 def test_free_fit_matches_hadoop_late_for_two_samples() -> None:
     (t1, p1), (t2, p2) = (1000.0, 20.0), (1300.0, 50.0)
-    eta = fit_eta([(t1, p1), (t2, p2)], None)
+    eta = fit_eta([(t1, p1), (t2, p2)])
     assert eta is not None
     assert eta.at == pytest.approx(t2 + (100 - p2) * (t2 - t1) / (p2 - p1))
 
 
 def test_no_progress_means_no_eta() -> None:
-    assert fit_eta([(10.0, 5.0), (20.0, 5.0)], None) is None
-    assert fit_eta([(10.0, 5.0)], None) is None
+    assert fit_eta([(10.0, 5.0), (20.0, 5.0)]) is None
+    assert fit_eta([(10.0, 5.0)]) is None
     assert fit_eta_origin([(10.0, 0.0)], 0.0) is None
 
 

@@ -14,6 +14,7 @@ from monitor.api.client import ExecutionsClient
 from monitor.api.errors import ExecutionNotFound, KeyRejected, Throttled, TransientError, TransientReason
 from monitor.api.models import StatusRecord, parse_status
 from monitor.clock import Clock
+from monitor.errors import StoreFault
 from monitor.ids import InvalidExecutionId
 from monitor.rates import RateLimit
 from monitor.records import Outcome, TerminalEvent
@@ -75,13 +76,13 @@ class Recorder(NullListener):
     async def on_terminal(self, event: TerminalEvent) -> None:
         if self.fail_terminal:
             self.fail_terminal -= 1
-            raise OSError("disk full")
+            raise StoreFault("state file x: database or disk is full")
         self.events.append((event, asyncio.get_running_loop().time()))
 
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
         self.polls.append((execution_id, status.raw_status if status else None, error))
 
-    def on_key_rejected(self) -> None:
+    def on_key_rejected(self, reason: str) -> None:
         self.rejected += 1
 
     def on_throttled(self, retry_after_s: float | None) -> None:
@@ -351,7 +352,7 @@ def test_untracked_while_in_flight_gives_no_event() -> None:
     assert recorder.events == []
 
 
-def test_a_failing_listener_gets_the_result_again_later() -> None:
+def test_a_store_fault_on_a_result_gets_the_result_again_later() -> None:
     source = FakeSource(lambda _, __: completed())
 
     async def body(scheduler: Scheduler, recorder: Recorder, __: Budget) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import sys
 from collections import Counter
 
+import pytest
 from rich.console import Console
 
 from monitor.api.models import ExecutionStatus, StatusRecord
@@ -67,3 +69,22 @@ def test_summary_fields_for_a_pipe_carry_the_delays() -> None:
         "detection_delay_max_s": 4.0,
         "dead_letters": 0,
     }
+
+
+def test_live_view_on_a_terminal_leaves_stdout_to_the_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    screen = io.StringIO()
+    monkeypatch.setattr(
+        "monitor.watch_view.Console", lambda **_: Console(file=screen, force_terminal=True, width=100, height=20)
+    )
+    records = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", records)
+    errors = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", errors)
+    with LiveView(_stats()) as view:
+        assert view.console.is_terminal
+        assert sys.stdout is records  # rich.Live would put its proxy here by default
+        print('{"event_id": "ev_1"}')
+        assert sys.stderr is errors  # log lines write to stderr directly
+    assert records.getvalue() == '{"event_id": "ev_1"}\n'
+    assert "1/3 finished" in screen.getvalue()
+    assert "ev_1" not in screen.getvalue()

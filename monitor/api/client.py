@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
-import structlog
 from yarl import URL
 
 from monitor.api.errors import (
@@ -36,9 +35,10 @@ from monitor.api.errors import (
 from monitor.api.models import StatusRecord, parse_status
 from monitor.errors import UsageError
 from monitor.ids import validate_execution_id
+from monitor.logs import get_logger
 from monitor.secrets import Secret, redact
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 _DRAIN_BYTES = 64 * 1024  # error bodies are read this far so the connection can be reused

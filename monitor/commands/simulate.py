@@ -16,10 +16,8 @@ import os
 import signal
 from collections.abc import Iterator
 
-import structlog
-
 from monitor.errors import UsageError
-from monitor.logs import configure_logging
+from monitor.logs import configure_logging, get_logger
 from monitor.rates import RateLimit, parse_rate_limit
 from monitor.simulator.scenario import DEFAULT_RATE_LIMIT, Scenario, default_scenario, load_scenario
 from monitor.simulator.server import SimulatorSettings, simulator_of, start_simulator
@@ -28,7 +26,7 @@ HELP = "Serve a local Executions API (the vendor contract, rate limit and faults
 KEYS_ENV = "EXECMON_SIM_API_KEYS"
 DEFAULT_KEY = "sk_test_local"
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,18 +7,24 @@ import asyncio
 import sys
 from typing import Any
 
-import structlog
-
-from monitor.config import Config, load_config
+from monitor.config import FLAG_SOURCE, Config, ConfigError, load_config
 from monitor.errors import UsageError
 from monitor.ids import InvalidExecutionId, ids_from_arguments, validate_execution_id
-from monitor.logs import configure_logging
+from monitor.logs import configure_logging, get_logger
 from monitor.rates import parse_duration
 from monitor.sinks.registry import parse_sink_spec
 from monitor.watch import WatchOptions, run_watch
 
 HELP = "Watch execution IDs until each one ends, sending every result to the sinks"
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
+
+# The config key each flag overrides, and back: an error names the flag the user typed.
+FLAG_KEYS = {
+    "--base-url": "api.base_url",
+    "--rate-limit": "api.rate_limit",
+    "--policy": "polling.policy",
+    "--log-level": "logging.level",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (see config.example.toml)")
     parser.add_argument("--base-url", help="API base URL (env EXECMON_BASE_URL)")
     parser.add_argument("--rate-limit", help="requests per window for the key, e.g. 30/60s")
-    parser.add_argument("--policy", choices=["adaptive", "backoff"], help="polling policy (default adaptive)")
+    # Checked with the config's own rules (not argparse choices), so a bad value is one line too.
+    parser.add_argument("--policy", metavar="{adaptive,backoff}", help="polling policy (default adaptive)")
     parser.add_argument("--timeout", help="give up on an execution after this long (e.g. 600, 15m): timed_out")
     parser.add_argument(
         "--sink",
@@ -41,16 +48,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="debug | info | warning | error")
 
 
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given, as config overrides; each value checked alone, so an error names its flag."""
+    overrides: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        try:
+            load_config(None, env={}, overrides={key: value})
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"{FLAG_SOURCE}: key '{key}': ")
+            raise UsageError(f"{flag}: {message}") from None
+        overrides[key] = value
+    return overrides
+
+
 def _load(args: argparse.Namespace) -> Config:
-    overrides: dict[str, Any] = {
-        "api.base_url": args.base_url,
-        "api.rate_limit": args.rate_limit,
-        "polling.policy": args.policy,
-        "logging.level": args.log_level,
-    }
+    overrides = _flag_overrides(args)
     if args.sink:
         overrides["sinks"] = [parse_sink_spec(s) for s in args.sink]
-    config = load_config(args.config, overrides={k: v for k, v in overrides.items() if v is not None})
+    config = load_config(args.config, overrides=overrides)
     if not config.sinks:
         config = load_config(args.config, overrides={**overrides, "sinks": [{"type": "stdout"}]})
     return config
@@ -76,20 +94,24 @@ def _valid_ids(raw: list[str]) -> tuple[list[str], list[str]]:
     return valid, rejected
 
 
+def _timeout_s(args: argparse.Namespace) -> float | None:
+    if args.timeout is None:
+        return None
+    try:
+        return parse_duration(args.timeout)
+    except ValueError as exc:
+        raise UsageError(f"--timeout: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     config = _load(args)
+    timeout_s = _timeout_s(args)  # every flag is checked before stdin is read
     live = sys.stderr.isatty() and not args.quiet
     level = "warning" if args.quiet else config.logging.level
     configure_logging(level, config.logging.format)
     ids, rejected = _valid_ids(ids_from_arguments(args.ids, sys.stdin))
     if not ids:
         raise UsageError("no valid execution IDs to watch: pass IDs as arguments, or '-' to read them from stdin")
-    timeout_s = None
-    if args.timeout is not None:
-        try:
-            timeout_s = parse_duration(args.timeout)
-        except ValueError as exc:
-            raise UsageError(f"--timeout: {exc}") from None
     config.api_key()  # a missing key is a usage error before anything starts
     options = WatchOptions(
         ids=ids,

@@ -2,7 +2,7 @@
 
 The formulas are in `monitor.schedule.policy`'s docstring. Three heaps with lazy deletion, each
 O(log n) per operation, so a choice never scans the tracked executions:
-- floor: by last poll; an execution not polled for F = alpha * (N + L) / R goes first;
+- floor: by last poll; an execution not polled for F = max(g, alpha * (N + L) / R) goes first;
 - due: by the time the expected staleness of a predicted end crosses theta = kappa * P;
 - round robin: by last poll + its own period P_i = P * mean(sqrt(lambda)) / sqrt(lambda_i), so
   executions that can end at any moment (no progress) come round more often than those whose
@@ -17,8 +17,14 @@ import math
 from collections import deque
 
 from monitor.records import Outcome
+from monitor.schedule.base import (
+    DEFAULT_BACKOFF_FACTOR,
+    DEFAULT_INITIAL_INTERVAL_S,
+    DEFAULT_MAX_INTERVAL_S,
+    EPS,
+    Policy,
+)
 from monitor.schedule.estimate import PRIOR_NOISE, Eta, anchor_is_plausible, fit_eta, fit_eta_origin, gaussian_crossing
-from monitor.schedule.policy import EPS, Policy
 from monitor.schedule.state import ExecState, LazyHeap
 
 _FLOOR_ITERATIONS = 8
@@ -26,6 +32,7 @@ _MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are defe
 _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
 _PRIOR_RATE = 1e-4  # ends per second of running, before any were seen (one pseudo-event)
 _MIN_EVENTS = 5  # ends of silent executions needed before their own rate is used
+MIN_GAP_S = 2.0  # an answer fresher than this rarely has news: the token serves another execution
 
 
 class _Ends:
@@ -46,23 +53,25 @@ class AdaptivePolicy(Policy):
     def __init__(
         self,
         *,
+        initial_interval_s: float = DEFAULT_INITIAL_INTERVAL_S,
+        backoff_factor: float = DEFAULT_BACKOFF_FACTOR,
+        max_interval_s: float = DEFAULT_MAX_INTERVAL_S,
         floor_factor: float = 1.3,
-        floor_min_s: float = 2.0,
         kappa: float = 0.03,
-        retry_gap_min_s: float = 2.0,
-        retry_growth: float = 1.5,
         max_rel_sd: float = 0.5,
         min_progress: float = 10.0,
     ) -> None:
         super().__init__()
+        # g: the shortest gap between two polls of one execution and the floor's least value; the
+        # wait before a predicted end is g * backoff_factor**misses. Never above max_interval_s, so
+        # the floor keeps that promise wherever the budget allows.
+        self.min_gap_s = min(max(initial_interval_s, MIN_GAP_S), max_interval_s)
+        self.retry_growth = backoff_factor
         self.floor_factor = floor_factor
-        self.floor_min_s = floor_min_s
         self.kappa = kappa
-        self.retry_gap_min_s = retry_gap_min_s
-        self.retry_growth = retry_growth
         self.max_rel_sd = max_rel_sd
         self.min_progress = min_progress
-        self._cycle = floor_min_s  # the baseline's round-robin period (N + L) / R, last seen
+        self._cycle = self.min_gap_s  # the baseline's round-robin period (N + L) / R, last seen
         self._floor = LazyHeap()  # by last poll: the guarantee
         self._due = LazyHeap()  # by crossing time of a predicted end
         self._round = LazyHeap()  # by last poll + own period (deferred: by due)
@@ -75,7 +84,7 @@ class AdaptivePolicy(Policy):
     # -- the floor ---------------------------------------------------------------------------------
 
     def floor_interval(self, now: float) -> float:
-        """F = alpha * (N + L) / R, L = executions that left within the last F (largest fixed point).
+        """F = max(g, alpha * (N + L) / R), L = executions that left within the last F (largest fixed point).
 
         (N + L) / R is about the baseline's own round-robin cycle: a cycle that began before they
         left had to visit them too, so a shrinking N does not make everybody overdue at once.
@@ -83,12 +92,12 @@ class AdaptivePolicy(Policy):
         rate = max(self._rate(), 1e-9)
         left = self._left
         scale = self.floor_factor / rate
-        floor = max(self.floor_min_s, scale * (self._count + len(left)))
+        floor = max(self.min_gap_s, scale * (self._count + len(left)))
         while left and left[0] <= now - floor:
             left.popleft()  # older than any fixed point can reach
         for _ in range(_FLOOR_ITERATIONS):
             recent = len(left) - bisect.bisect_right(left, now - floor)
-            smaller = max(self.floor_min_s, scale * (self._count + recent))
+            smaller = max(self.min_gap_s, scale * (self._count + recent))
             if smaller >= floor - 1e-9:
                 break
             floor = smaller
@@ -140,7 +149,7 @@ class AdaptivePolicy(Policy):
         self._predict(state, now)
 
     def _predict(self, state: ExecState, now: float) -> None:
-        """Set eta, eta_sd, due (inf without a prediction) and the hazard weight."""
+        """Set eta, due (inf without a prediction) and the hazard weight."""
         eta = _estimate(state)
         if eta is not None and (
             eta.sd > self.max_rel_sd * max(eta.at - state.tracked_since, 0.0)
@@ -148,14 +157,14 @@ class AdaptivePolicy(Policy):
         ):
             eta = None  # too vague to act on: the round robin will bring a better sample
         if eta is not None:
-            state.eta, state.eta_sd = eta.at, eta.sd
+            state.eta = eta.at
             theta = self.kappa * self._cycle
             due = gaussian_crossing(theta, eta.at, max(eta.sd, _MIN_SD), state.last_poll)
-            gap = self.retry_gap_min_s * self.retry_growth**state.misses
+            gap = self.min_gap_s * self.retry_growth**state.misses
             state.due = max(due, now + gap)
             hazard = self.unexpected_rate()
         else:
-            state.eta = state.eta_sd = state.due = math.inf
+            state.eta = state.due = math.inf
             hazard = self.silent_rate()
         weight = math.sqrt(hazard)
         self._weights = max(self._weights + weight - state.weight, 0.0)
@@ -167,7 +176,7 @@ class AdaptivePolicy(Policy):
             return self._cycle
         return self._cycle * (self._weights / self._count) / state.weight
 
-    def _enqueue(self, state: ExecState, *, urgent: bool = False) -> None:
+    def _enqueue(self, state: ExecState) -> None:
         state.ver += 1
         self._floor.push(state.last_poll, state)
         self._round.push(state.last_poll + self._period(state), state)
@@ -199,7 +208,7 @@ class AdaptivePolicy(Policy):
             if entry is None:
                 return None
             state = entry[1]
-            if now - state.last_poll < self.floor_min_s:
+            if now - state.last_poll < self.min_gap_s:
                 return None
             self._round.pop()
             if now < state.due <= state.last_poll + floor and entry[0] < state.due:
@@ -215,7 +224,7 @@ class AdaptivePolicy(Policy):
             at = due[0]
         entry = self._round.top()
         if entry is not None:
-            at = min(at, entry[1].last_poll + self.floor_min_s)
+            at = min(at, entry[1].last_poll + self.min_gap_s)
         return at
 
 
@@ -226,7 +235,7 @@ def _estimate(state: ExecState) -> Eta | None:
     if not pairs:
         return None
     if not anchor_is_plausible(pairs, state.tracked_since):
-        return fit_eta(pairs, None)
+        return fit_eta(pairs)
     eta = fit_eta_origin(pairs, state.tracked_since)
     if eta is None:
         return None
@@ -239,7 +248,7 @@ def _estimate(state: ExecState) -> Eta | None:
         default=math.inf,
     )
     if state.tracked_since + bound < eta.at:
-        return Eta(at=state.tracked_since + bound, sd=eta.sd, slope=100.0 / bound, noise=eta.noise)
+        return Eta(at=state.tracked_since + bound, sd=eta.sd, slope=100.0 / bound)
     return eta
 
 

@@ -26,13 +26,13 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
-import structlog
 from aiolimiter import AsyncLimiter
 
 from monitor.clock import Clock
+from monitor.logs import get_logger
 from monitor.rates import RateLimit
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_RATE = RateLimit(30, 60.0)
 _MIN_WAIT_S = 1e-6  # a stamp exactly T old still counts (the window is (now - T, now]): wait past it
@@ -125,10 +125,11 @@ class Budget:
                     break
                 await self._sleep_or_change(wait)
             now = self._now()
+            # Recorded first: if recording fails (the state store), nothing is counted or sent.
+            token = self._on_started(now) if self._on_started is not None else None
             self._in_flight += 1
             self._last_start = now
             self.requests += 1
-            token = self._on_started(now) if self._on_started is not None else None
             return Ticket(now, token)
 
     def release(self, ticket: Ticket, *, used: bool = True) -> None:

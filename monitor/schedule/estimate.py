@@ -1,7 +1,8 @@
 """Estimators for the adaptive policy: when will an execution end?
 
-- `fit_eta`: a least-squares line through the progress samples, anchored at (tracked_since, 0),
-  solved for progress = 100, with the standard error of that inverse prediction.
+- `fit_eta`: a least-squares line through the progress samples, solved for progress = 100, with
+  the standard error of that inverse prediction; `fit_eta_origin`: the same line through
+  (tracked_since, 0), for runs the monitor saw start (`anchor_is_plausible`).
 - `gaussian_overshoot` / `gaussian_crossing`: the expected staleness of a run last seen going at
   L whose end is ~ N(eta, sd^2), U(t) = E[(t - End)^+ | End > L] (how late we would be, on
   average, if we asked at t), and when it reaches a threshold theta. Polling when U crosses one
@@ -24,19 +25,16 @@ class Eta:
     at: float  # predicted loop time at which progress reaches 100
     sd: float  # one standard deviation of that prediction (seconds)
     slope: float  # progress points per second
-    noise: float = PRIOR_NOISE  # estimated noise on one progress answer (points)
 
 
-def fit_eta(samples: Sequence[tuple[float, float]], anchor: float | None) -> Eta | None:
-    """Least squares `p = a + b t` over the samples (and the anchor (anchor, 0) when given).
+def fit_eta(samples: Sequence[tuple[float, float]]) -> Eta | None:
+    """Least squares `p = a + b t` over the samples.
 
     eta = (100 - a) / b; its variance (inverse prediction, delta method) is
     (s / b)^2 * (1/n + (eta - mean_t)^2 / Sxx), with s the residual noise shrunk toward
     PRIOR_NOISE. None when no progress is being made (b <= 0) or the times do not spread.
     """
     points = list(samples)
-    if anchor is not None:
-        points.append((anchor, 0.0))
     n = len(points)
     if n < 2:
         return None
@@ -57,7 +55,7 @@ def fit_eta(samples: Sequence[tuple[float, float]], anchor: float | None) -> Eta
     noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (dof + PRIOR_NOISE_WEIGHT)
     noise = max(math.sqrt(noise_sq), MIN_NOISE)
     var = (noise / slope) ** 2 * (1.0 / n + (eta_rel - mean_t) ** 2 / sxx)
-    return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope, noise=noise)
+    return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope)
 
 
 def fit_eta_origin(samples: Sequence[tuple[float, float]], origin: float) -> Eta | None:
@@ -77,7 +75,7 @@ def fit_eta_origin(samples: Sequence[tuple[float, float]], origin: float) -> Eta
     noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT)
     noise = max(math.sqrt(noise_sq), MIN_NOISE)
     sd = 100.0 * noise / (slope**2 * math.sqrt(sxx))
-    return Eta(at=origin + 100.0 / slope, sd=sd, slope=slope, noise=noise)
+    return Eta(at=origin + 100.0 / slope, sd=sd, slope=slope)
 
 
 def anchor_is_plausible(samples: Sequence[tuple[float, float]], tracked_since: float) -> bool:
@@ -88,7 +86,7 @@ def anchor_is_plausible(samples: Sequence[tuple[float, float]], tracked_since: f
     """
     if len(samples) < 2:
         return True  # nothing to contradict it; the usual case is a run tracked from its start
-    free = fit_eta(samples, None)
+    free = fit_eta(samples)
     if free is None:
         return True
     span = samples[-1][0] - tracked_since

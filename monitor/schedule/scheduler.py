@@ -8,6 +8,8 @@ forgotten); running -> the policy schedules the next poll; transient error -> re
 after uniform(0, min(cap, base * 2**n)) (full jitter, apart from the cadence); 429 -> the whole key
 pauses (Budget.throttle); 401 -> the key is blocked at once and nothing more is sent until
 `resume`; 404 -> confirmed K times over at least a span before `not_found`; deadline -> timed_out.
+The key's state (rejected or not) lives here and nowhere else. `hold(reason)` pauses polling for
+reasons of the owner's (the state store failing): no token is taken while any hold is on.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import heapq
 import itertools
 import math
 import random
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
-
-import structlog
 
 from monitor.api.errors import (
     ApiError,
@@ -30,15 +31,18 @@ from monitor.api.errors import (
     TransientReason,
 )
 from monitor.api.models import ExecutionStatus, StatusRecord
+from monitor.backoff import full_jitter
 from monitor.clock import Clock, parse_iso
+from monitor.errors import StoreFault
 from monitor.ids import validate_execution_id
+from monitor.logs import get_logger
 from monitor.records import Outcome, TerminalEvent
 from monitor.schedule.budget import Budget, Ticket
 from monitor.schedule.persist import export_state, restore_state
 from monitor.schedule.policy import Policy
 from monitor.schedule.state import ExecState
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class StatusSource(Protocol):
@@ -52,9 +56,13 @@ class SchedulerListener(Protocol):
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
         """Every answer: a status, or the error text (persistence, live view, logs)."""
 
-    def on_key_rejected(self) -> None: ...
+    def on_key_rejected(self, reason: str) -> None:
+        """The key was rejected: nothing is sent until `Scheduler.resume`."""
 
     def on_throttled(self, retry_after_s: float | None) -> None: ...
+
+    def on_store_fault(self, exc: StoreFault) -> None:
+        """Recording a request failed before it was sent (it was not sent); expect a `hold`."""
 
 
 class NullListener:
@@ -66,11 +74,21 @@ class NullListener:
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
         return None
 
-    def on_key_rejected(self) -> None:
+    def on_key_rejected(self, reason: str) -> None:
         return None
 
     def on_throttled(self, retry_after_s: float | None) -> None:
         return None
+
+    def on_store_fault(self, exc: StoreFault) -> None:
+        return None
+
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def _create_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    return asyncio.create_task(coro, name=name)
 
 
 class _Waker:
@@ -116,6 +134,7 @@ class Scheduler:
         error_backoff_cap_s: float = 60.0,
         listener: SchedulerListener | None = None,
         rng: random.Random | None = None,
+        spawn: Spawn = _create_task,
     ) -> None:
         if max_in_flight < 1 or not_found_confirmations < 1:
             raise ValueError("max_in_flight and not_found_confirmations must be at least 1")
@@ -144,7 +163,9 @@ class Scheduler:
         self._drained = asyncio.Event()
         self._stopping = False
         self._unknown_seen: set[str] = set()
-        self.key_rejected = False
+        self._spawn = spawn  # poll tasks go where the owner supervises them
+        self._holds: set[str] = set()
+        self.key_rejected: str | None = None  # the reason, while the key is rejected
 
     # -- what is tracked ------------------------------------------------------------------------
 
@@ -264,9 +285,21 @@ class Scheduler:
         """After the key was rejected and replaced (a reload): poll again, with the new source."""
         if new_source is not None:
             self._source = new_source
-        self.key_rejected = False
+        self.key_rejected = None
         self._budget.unblock()
         self._wake.notify()
+
+    def hold(self, reason: str) -> None:
+        """Take no more tokens until `release_hold(reason)` (polls in flight finish)."""
+        self._holds.add(reason)
+
+    def release_hold(self, reason: str) -> None:
+        self._holds.discard(reason)
+        self._wake.notify()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._holds) or self.key_rejected is not None
 
     def _check_idle(self) -> None:
         if not self._states and not self._tasks:
@@ -282,30 +315,34 @@ class Scheduler:
             try:
                 await self._wait_ready()
                 ticket = await self._budget.acquire()
+            except StoreFault as exc:  # the request could not be recorded, so it was not sent
+                slots.release()
+                self._listener.on_store_fault(exc)
+                continue
             except BaseException:
                 slots.release()
                 raise
-            state = None if self.key_rejected else self._policy.choose(self._clock.now())
+            state = None if self.paused else self._policy.choose(self._clock.now())
             if state is None:
                 self._budget.release(ticket, used=False)
                 slots.release()
                 continue
             state.in_flight = True
-            task = asyncio.create_task(self._poll(state, ticket, slots))
+            task = self._spawn(self._poll(state, ticket, slots), "execmon-poll")
             self._tasks.add(task)
 
     async def _wait_ready(self) -> None:
         while True:
             now = self._clock.now()
-            at = math.inf if self.key_rejected else self._policy.ready_at(now)
+            at = math.inf if self.paused else self._policy.ready_at(now)
             if at <= now:
                 return
             await self._wake.wait(at)
 
     async def _poll(self, state: ExecState, ticket: Ticket, slots: asyncio.Semaphore) -> None:
         try:
-            if self.key_rejected or self._stopping:
-                self._budget.release(ticket, used=False)  # nothing is sent after a 401
+            if self.paused or self._stopping:
+                self._budget.release(ticket, used=False)  # nothing is sent after a 401 or a hold
                 self._requeue(state, self._clock.now())
                 return
             state.polls += 1
@@ -370,11 +407,10 @@ class Scheduler:
         if not state.live:
             return
         if isinstance(exc, KeyRejected):
-            if not self.key_rejected:
-                self.key_rejected = True
+            if self.key_rejected is None:
+                self.key_rejected = str(exc)
                 self._budget.block()
-                log.error("api key rejected: polling stopped until the key is replaced")
-                self._listener.on_key_rejected()
+                self._listener.on_key_rejected(self.key_rejected)
             self._policy.hold(state, now)
             return
         if self._expired(state, now):
@@ -388,7 +424,7 @@ class Scheduler:
             await self._not_found(state, now)
         else:
             state.errors += 1
-            delay = self._rng.uniform(0.0, min(self._err_cap, self._err_base * 2.0 ** (state.errors - 1)))
+            delay = full_jitter(state.errors, self._err_base, self._err_cap, self._rng)
             self._policy.hold(state, now + delay)
 
     async def _not_found(self, state: ExecState, now: float) -> None:
@@ -426,14 +462,15 @@ class Scheduler:
         )
         try:
             await self._listener.on_terminal(event)
-        except Exception:
-            # The result is not safe yet: keep the execution and ask again later.
-            log.exception("listener failed on a terminal result; will poll again", execution_id=state.execution_id)
+        except StoreFault:
+            # The result could not be recorded (the owner holds polling until the store is back, and
+            # has said so once): keep the execution and ask again later. Any other error is a bug
+            # and fails the owner's supervisor, loudly.
             if self._states.get(state.execution_id) is state:
                 state.live = True
                 self._policy.add(state, now)
                 state.errors += 1
-                self._policy.hold(state, now + min(self._err_cap, self._err_base * 2.0**state.errors))
+                self._policy.hold(state, now + full_jitter(state.errors, self._err_base, self._err_cap, self._rng))
             return
         if self._states.get(state.execution_id) is state:
             del self._states[state.execution_id]

@@ -22,12 +22,10 @@ class ExecState:
         "due",
         "errors",
         "eta",
-        "eta_sd",
         "execution_id",
         "expires_at",
         "exposed_to",
         "group",
-        "held_until",
         "in_flight",
         "labels",
         "last_poll",
@@ -49,13 +47,12 @@ class ExecState:
         execution_id: str,
         tracked_since: float,
         *,
-        expires_at: float | None = None,
         group: str | None = None,
         labels: dict[str, str] | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tracked_since = tracked_since
-        self.expires_at = expires_at  # deadline (loop time) -> timed_out
+        self.expires_at: float | None = None  # deadline (loop time) -> timed_out
         self.group = group
         self.labels = labels or None
         self.polls = 0  # requests made for it (every answer, errors included)
@@ -69,14 +66,12 @@ class ExecState:
         self.samples: array[float] | None = None  # flat (t, progress) pairs, oldest first
         self.in_flight = False
         self.live = True  # False once terminal or untracked
-        self.held_until = -math.inf  # not to be polled before (error retry, 404 confirmation)
         self.ver = 0  # bumped whenever its heap entries go stale
         # Policy fields.
         self.due = math.inf  # when the policy wants the next poll
         self.delay = 0.0  # backoff: the next gap
         self.misses = 0  # adaptive: polls at a predicted end that found it still running
         self.eta = math.inf  # adaptive: predicted end
-        self.eta_sd = math.inf  # adaptive: its uncertainty (one standard deviation)
         self.weight = 0.0  # adaptive: sqrt of the hazard it was last scheduled with
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""The control API's view of a running engine (implements `ControlBackend`).
+"""The control API's view of a running Monitor (implements `ControlBackend`).
 
 Views are read from the SQLite state (the source of truth, so `ls` shows terminal executions too)
 plus the scheduler's plan for the ones still being polled.
@@ -6,26 +6,25 @@ plus the scheduler's plan for the ones still being polled.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from monitor.clock import iso_utc
-from monitor.service.control import TrackResult
+from monitor.engine import Monitor
+from monitor.records import TrackResult
 from monitor.state.rows import TrackedRow
 
-if TYPE_CHECKING:
-    from monitor.engine import Engine
 
 
-class EngineBackend:
-    """Adapts an `Engine` to the control API's `ControlBackend` protocol."""
+class MonitorBackend:
+    """Adapts a `Monitor` to the control API's `ControlBackend` protocol."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Monitor) -> None:
         self._engine = engine
 
     async def track(
         self, ids: list[str], *, deadline_s: float | None, group: str | None, labels: dict[str, str]
     ) -> TrackResult:
-        return self._engine.track(ids, deadline_s=deadline_s, group=group, labels=labels)
+        return self._engine.track_valid(ids, deadline_s=deadline_s, group=group, labels=labels)
 
     async def untrack(self, execution_id: str) -> bool:
         return self._engine.untrack(execution_id)

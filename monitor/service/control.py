@@ -17,31 +17,24 @@ import ipaddress
 import json
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, Protocol
 
-import structlog
 from aiohttp import web
 
 from monitor.errors import UsageError
 from monitor.ids import is_valid_execution_id
+from monitor.logs import get_logger
+from monitor.records import TrackResult
 from monitor.secrets import Secret
-from monitor.service.metrics import Metrics
+from monitor.metrics import Metrics
 from monitor.service.validation import ApiError, ErrorCode, check_query, parse_list_query, parse_track_request
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 HEALTH_PATH = "/healthz"  # the one endpoint open without a token (load balancers, systemd checks)
-
-
-@dataclass(frozen=True, slots=True)
-class TrackResult:
-    """What `ControlBackend.track` did: IDs newly tracked, and IDs left as they were."""
-
-    added: list[str] = field(default_factory=list)
-    already_tracked: list[str] = field(default_factory=list)
 
 
 class ControlBackend(Protocol):

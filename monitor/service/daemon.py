@@ -1,7 +1,10 @@
 """`execmon run`: the daemon's lifecycle around the engine.
 
 Start: load the config, bind the control API (a busy port fails here, before any state is opened),
-enter the engine (opens SQLite, resumes every tracked execution), start the loop monitors.
+enter the engine, a `Monitor` (opens SQLite, resumes every tracked execution), start the loop monitors.
+If the Monitor fails (an internal task died, the state store stayed down past its grace period),
+`/healthz` says 503 at once and the daemon stops and exits 1 (`MonitorFailed`), so that a supervisor
+restarts it; the state on disk is intact and the restart resumes.
 SIGTERM / SIGINT: stop taking work, let the engine finish or abandon in-flight polls within
 `control.grace_s` and flush its sinks, exit 0; a second signal exits at once (state is durable).
 SIGHUP: reload the config; a bad one is refused with a log line and the old one stays.
@@ -22,11 +25,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-import structlog
-
 from monitor.config import Config, load_config
-from monitor.errors import UsageError
-from monitor.logs import configure_logging
+from monitor.engine import Monitor
+from monitor.errors import MonitorFailed, UsageError
+from monitor.events import Event, KeyRejected, KeyRestored
+from monitor.logs import configure_logging, get_logger
 from monitor.service.control import (
     ControlBackend,
     ControlServer,
@@ -34,23 +37,25 @@ from monitor.service.control import (
     check_listen_allowed,
     create_control_app,
 )
-from monitor.service.metrics import Metrics
+from monitor.metrics import Metrics
 from monitor.service.stall import StallMonitor
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORCED_EXIT_STATUS = 130
 
 
 class EngineLike(Protocol):
-    """What the daemon needs from `monitor.engine.Engine`."""
-
-    @property
-    def backend(self) -> ControlBackend: ...
+    """What the daemon needs from `monitor.engine.Monitor`."""
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def failure(self) -> MonitorFailed | None: ...
+
+    async def wait_failed(self) -> MonitorFailed: ...
 
     async def __aenter__(self) -> Any: ...
 
@@ -64,6 +69,7 @@ class EngineLike(Protocol):
 
 
 EngineFactory = Callable[[Config], EngineLike]
+BackendFactory = Callable[[Any], ControlBackend]
 ConfigCheck = Callable[[Config], None]
 
 
@@ -76,10 +82,16 @@ def check_engine_config(config: Config) -> None:
 
 
 def default_engine_factory(config: Config) -> EngineLike:
-    from monitor.engine import Engine  # noqa: PLC0415 - imported late: the heavy part of the daemon
+    from monitor.engine import Monitor  # noqa: PLC0415 - imported late: the heavy part of the daemon
 
-    engine: EngineLike = Engine(config)
+    engine: EngineLike = Monitor(config=config, state=config.state.path)
     return engine
+
+
+def default_backend_factory(engine: Any) -> ControlBackend:
+    from monitor.service.backend import MonitorBackend  # noqa: PLC0415 - with the engine, late
+
+    return MonitorBackend(engine)
 
 
 class Daemon:
@@ -91,6 +103,7 @@ class Daemon:
         *,
         env: Mapping[str, str] | None = None,
         engine_factory: EngineFactory = default_engine_factory,
+        backend_factory: BackendFactory = default_backend_factory,
         validate_config: ConfigCheck = check_engine_config,
         handle_signals: bool = True,
         configure_logs: bool = True,
@@ -99,6 +112,9 @@ class Daemon:
         self.config_path = None if config_path is None else Path(config_path)
         self._env = env
         self._engine_factory = engine_factory
+        self._backend_factory = backend_factory
+        self._watchdog: asyncio.Task[None] | None = None
+        self.failure: MonitorFailed | None = None
         self._validate_config = validate_config
         self._handle_signals = handle_signals
         self._configure_logs = configure_logs
@@ -163,13 +179,24 @@ class Daemon:
         await self._stack.enter_async_context(stall)
         if self._handle_signals:
             self._install_signal_handlers()
-        self.state.backend = engine.backend  # from now on /healthz follows the engine
+        if isinstance(engine, Monitor):
+            engine.subscribe(_log_key_events)
+        self.state.backend = self._backend_factory(engine)  # from now on /healthz follows the engine
+        self._watchdog = asyncio.get_running_loop().create_task(self._stop_on_failure(engine), name="execmon-watchdog")
         log.info("daemon started", control=self._server.url, config=config.source, state=config.state.path)
+
+    async def _stop_on_failure(self, engine: EngineLike) -> None:
+        """The Monitor failed: /healthz already says why; stop, and `serve` exits 1."""
+        self.failure = await engine.wait_failed()
+        log.error("execmon cannot go on; stopping so that a supervisor restarts it", error=str(self.failure))
+        self.request_stop()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.state.stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._reload_tasks):
             task.cancel()
         try:
@@ -266,9 +293,19 @@ class Daemon:
         self.request_reload()
 
 
+def _log_key_events(event: Event) -> None:
+    if isinstance(event, KeyRejected):
+        log.error("the API key was rejected (401): polling has stopped; fix the key, then reload (SIGHUP)")
+    elif isinstance(event, KeyRestored):
+        log.info("a new API key was loaded: polling goes on")
+
+
 async def serve(daemon: Daemon) -> int:
+    """Until a stop signal (0) or a Monitor failure (raises MonitorFailed: `execmon run` exits 1)."""
     async with daemon:
         await daemon.wait_stopped()
+    if daemon.failure is not None:
+        raise MonitorFailed(str(daemon.failure)) from daemon.failure.__cause__
     return 0
 
 
@@ -276,8 +313,11 @@ def run_daemon(
     config_path: str | Path | None,
     *,
     engine_factory: EngineFactory = default_engine_factory,
+    backend_factory: BackendFactory = default_backend_factory,
     validate_config: ConfigCheck = check_engine_config,
 ) -> int:
     """`execmon run`: serve until SIGTERM/SIGINT, then exit 0. Config and bind errors raise UsageError."""
-    daemon = Daemon(config_path, engine_factory=engine_factory, validate_config=validate_config)
+    daemon = Daemon(
+        config_path, engine_factory=engine_factory, backend_factory=backend_factory, validate_config=validate_config
+    )
     return asyncio.run(serve(daemon))

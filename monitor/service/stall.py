@@ -22,9 +22,9 @@ import traceback
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
-import structlog
+from monitor.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_STACK_FRAMES = 30  # the innermost frames are the interesting ones
 

@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from monitor.clock import Clock
 from monitor.ids import is_valid_execution_id
+from monitor.logs import get_logger
 from monitor.rates import RateLimit
 from monitor.secrets import register_secret
 from monitor.simulator.admin import add_admin_routes
@@ -42,7 +42,7 @@ from monitor.simulator.scenario import (
     unique_id,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STATUS_PATH = "/api/v1/executions/{execution_id}/status"
 MAX_CREATE = 100_000

@@ -1,9 +1,14 @@
-"""Opening an execmon state file: the single-writer lock, the schema and its version.
+"""Opening an execmon state file: the single-writer lock, the schema and its version, and how
+sqlite errors are reported.
 
 A state file is only ever opened by one process for writing. The lock is an `flock` on a
 sibling `<path>.lock` file, so the kernel releases it when the process dies, even on kill -9.
 A file this version cannot read (a newer schema, a corrupt or foreign file) is refused with a
 message that says what to do; it is never overwritten.
+
+Corruption is decided only at open (`PRAGMA quick_check` and the schema version): StateError.
+After that, every failing statement is a StoreFault (disk full, I/O error, busy, ...), never
+"corrupt": the transaction is rolled back and the caller may try again later.
 """
 
 from __future__ import annotations
@@ -12,12 +17,11 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from monitor import __version__
-from monitor.errors import UsageError
+from monitor.errors import ExecmonError, StoreFault, UsageError
 
 SCHEMA_VERSION = 1
 
@@ -119,15 +123,28 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL journal, schema checked."""
+# Result codes (extended ones start with these) that mean "you may not open this file" at start.
+_NO_ACCESS = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")
+# The machine failing under a good file (disk full, I/O error, busy): a fault, even at start.
+_TRANSIENT = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED")
+
+
+def connect(path: Path | None, *, read_only: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL journal, file checked.
+
+    `path=None` gives a private in-memory database with the same schema (nothing to check).
+    """
+    if path is None:
+        conn = _sqlite_connect(":memory:", None, uri=False)
+        conn.row_factory = sqlite3.Row
+        _create(conn)
+        return conn
     if not path.parent.is_dir():
         raise StateError(f"cannot open state file {path}: directory {path.parent} does not exist")
     if path.exists() and not path.is_file():
         raise StateError(f"state file {path} is not a regular file")
     if read_only:
-        uri = f"{path.resolve().as_uri()}?mode=ro"
-        conn = _sqlite_connect(uri, path, uri=True)
+        conn = _sqlite_connect(f"{path.resolve().as_uri()}?mode=ro", path, uri=True)
     else:
         conn = _sqlite_connect(str(path), path, uri=False)
     conn.row_factory = sqlite3.Row
@@ -138,28 +155,52 @@ def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         _check_or_create_schema(conn, path, read_only=read_only)
+        _check_integrity(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise unreadable(path, exc) from None
+        raise _open_error(path, exc) from None
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _sqlite_connect(target: str, path: Path, *, uri: bool) -> sqlite3.Connection:
+def _sqlite_connect(target: str, path: Path | None, *, uri: bool) -> sqlite3.Connection:
     try:
-        # Autocommit (isolation_level=None): the store opens every transaction itself.
+        # Autocommit (isolation_level=None): the store opens every transaction itself. Used by one
+        # caller at a time, but not always on the thread that opened it (opened before the loop runs).
         return sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=uri)
     except sqlite3.Error as exc:
-        raise StateError(f"cannot open state file {path}: {exc}") from None
+        raise StateError(f"cannot open {_describe(path)}: {exc}") from None
 
 
-def unreadable(path: Path, exc: sqlite3.Error) -> StateError:
+def _describe(path: Path | None) -> str:
+    return "the in-memory state" if path is None else f"state file {path}"
+
+
+def _open_error(path: Path, exc: sqlite3.DatabaseError) -> ExecmonError:
+    """At start: a file we may not open or cannot read is refused; a machine fault stays a fault."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(_NO_ACCESS):
+        return StateError(f"cannot open state file {path}: {exc}")
+    if name.startswith(_TRANSIENT):
+        return _fault(path, exc)
+    return _unreadable(path, exc)
+
+
+def _unreadable(path: Path, reason: object) -> StateError:
     return StateError(
-        f"state file {path} is not a usable execmon state file ({exc}); it was left untouched: "
+        f"state file {path} is not a usable execmon state file ({reason}); it was left untouched: "
         "move it aside or give another state file"
     )
+
+
+def _fault(path: Path | None, exc: sqlite3.Error | OSError) -> StoreFault:
+    """The store failed under a good file: name the file and the cause (with sqlite's code name)."""
+    if isinstance(exc, OSError):
+        return StoreFault(f"{_describe(path)}: {exc.strerror or exc}")
+    name = getattr(exc, "sqlite_errorname", None)
+    return StoreFault(f"{_describe(path)}: {exc}" + (f" ({name})" if name else ""))
 
 
 def _check_or_create_schema(conn: sqlite3.Connection, path: Path, *, read_only: bool) -> None:
@@ -182,6 +223,13 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: Path, *, read_only: 
         )
 
 
+def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """The only place that calls a file corrupt: later errors are faults, never corruption."""
+    problems = [" ".join(str(row[0]).split()) for row in conn.execute("PRAGMA quick_check(3)")]
+    if problems != ["ok"]:  # a damaged page may also raise SQLITE_CORRUPT here: refused the same way
+        raise _unreadable(path, "damaged: " + "; ".join(problems))
+
+
 def _create(conn: sqlite3.Connection) -> None:
     """Create the schema and the meta rows in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
@@ -195,47 +243,63 @@ def _create(conn: sqlite3.Connection) -> None:
         )
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # sqlite may have rolled back already
+            conn.execute("ROLLBACK")
         raise
 
 
 class Connection:
-    """The one connection of a Store: short explicit transactions, sqlite errors as StateError."""
+    """The one connection of a Store: short explicit transactions; any sqlite failure is a StoreFault.
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    Everything runs on the event loop, one call at a time, so there is no lock. IntegrityError and
+    ProgrammingError are bugs in the caller and pass through unchanged.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path | None) -> None:
         self.conn = conn
         self.path = path
-        self._lock = threading.RLock()  # the store may be called from a worker thread for big batches
         self._durable = True
 
     @contextlib.contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE .. COMMIT. `durable=False` (poll bookkeeping) skips the fsync of this commit;
-        WAL keeps it safe against a killed process, and the next durable commit syncs it too."""
-        with self._lock:
+        """BEGIN IMMEDIATE .. COMMIT, rolled back on any error so nothing is half-written.
+
+        `durable=False` (bookkeeping) skips the fsync of this commit: WAL keeps it safe against a
+        killed process (our crash model), and the next durable commit syncs it too.
+        """
+        with self._faults():
+            self._begin(durable)
             try:
-                if durable != self._durable:
-                    self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                    self._durable = durable
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self.conn
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
+                yield self.conn
                 self.conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.IntegrityError):
-                    raise  # a bug in the caller, not a broken file
-                raise unreadable(self.path, exc) from exc
+            except BaseException:
+                self._rollback()
+                raise
 
     def read(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try:
-                return self.conn.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise unreadable(self.path, exc) from exc
+        with self._faults():
+            return self.conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
-        with self._lock:
-            self.conn.close()
+        self.conn.close()
+
+    def _begin(self, durable: bool) -> None:
+        self._rollback()  # a ROLLBACK that failed last time must not block this transaction
+        if durable != self._durable:
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:  # after FULL, IOERR or BUSY sqlite may have rolled back itself
+            with contextlib.suppress(sqlite3.Error):  # then sqlite rolls back when it can
+                self.conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise  # a bug in the caller, not the store failing
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise _fault(self.path, exc) from exc

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from monitor.state.db import Connection
-from monitor.state.rows import DeliveryState, OutboxRow, dumps, outbox_from
+from monitor.state.rows import OutboxRow, dumps, outbox_from
 
 MAX_ERROR_CHARS = 2000  # a reason is a diagnosis, not a log: keep rows small
 
@@ -40,15 +40,6 @@ class OutboxQueries:
 
     _db: Connection
 
-    def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[OutboxRow]:
-        """Pending rows of `sink` whose next attempt is due, oldest first."""
-        rows = self._db.read(
-            "SELECT * FROM outbox WHERE sink = ? AND state = 'pending' AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at, seq LIMIT ?",
-            (sink, now, limit),
-        )
-        return [outbox_from(r) for r in rows]
-
     def pending_keys(self, sink: str, after_seq: int = 0) -> list[tuple[int, str, float]]:
         """(seq, event_id, next_attempt_at) of pending rows of `sink` added after `after_seq`."""
         rows = self._db.read(
@@ -61,11 +52,6 @@ class OutboxQueries:
     def get_delivery(self, event_id: str, sink: str) -> OutboxRow | None:
         rows = self._db.read("SELECT * FROM outbox WHERE event_id = ? AND sink = ?", (event_id, sink))
         return outbox_from(rows[0]) if rows else None
-
-    def deliveries_for(self, execution_id: str) -> list[OutboxRow]:
-        """Every delivery of one execution's records (for `execmon status`)."""
-        rows = self._db.read("SELECT * FROM outbox WHERE execution_id = ? ORDER BY seq", (execution_id,))
-        return [outbox_from(r) for r in rows]
 
     def mark_delivered(self, event_id: str, sink: str) -> bool:
         """Only after the sink confirmed. Not fsynced: losing it to a power cut means a redelivery."""
@@ -132,10 +118,3 @@ class OutboxQueries:
 
     def dead_count(self) -> int:
         return int(self._db.read("SELECT count(*) AS n FROM outbox WHERE state = 'dead'")[0]["n"])
-
-    def delivery_counts(self) -> dict[str, dict[DeliveryState, int]]:
-        """Per sink, how many rows are in each state (for metrics and `execmon status`)."""
-        counts: dict[str, dict[DeliveryState, int]] = {}
-        for row in self._db.read("SELECT sink, state, count(*) AS n FROM outbox GROUP BY sink, state"):
-            counts.setdefault(row["sink"], {})[DeliveryState(row["state"])] = int(row["n"])
-        return counts

@@ -70,6 +70,15 @@ class OutboxRow:
     updated_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    """What `finish` did: whether the ID became terminal now, and the group digest it produced."""
+
+    newly_terminal: bool
+    enqueued: int = 0
+    group_record: dict[str, Any] | None = None
+
+
 def dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 

@@ -4,58 +4,76 @@ This is the only module (with its helpers in this package) that speaks SQL. Call
 and small, so the event loop may call them directly; big batches (`track_many`) are one
 transaction. A terminal outcome and its outbox rows are written in ONE transaction, so a crash
 can never leave a result that is terminal but undelivered-and-forgotten.
+
+Failures: a file that is corrupt, foreign or newer is refused by `Store.open` (StateError). After
+that, a call that cannot reach the disk (full, I/O error, busy) raises StoreFault, and whatever it
+was asked to write did not happen; `probe()` says when writes work again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import structlog
-
-from monitor.errors import UsageError
+from monitor.errors import StoreFault, UsageError
+from monitor.logs import get_logger
 from monitor.records import Outcome, build_group_record
 from monitor.state.db import Connection, FileLock, StateError, connect
 from monitor.state.outbox import OutboxQueries, enqueue
-from monitor.state.rows import DeliveryState, OutboxRow, TrackedRow, TrackRequest, dumps, tracked_from
+from monitor.state.rows import (
+    DeliveryState,
+    FinishResult,
+    OutboxRow,
+    TrackedRow,
+    TrackRequest,
+    dumps,
+    tracked_from,
+)
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 BUDGET_KEEP_S = 3600.0  # request history older than this can no longer matter to any window
 _PRUNE_EVERY = 64
+# What save_poll keeps until flush_polls: (schedule_json, last_status_json, polls) per ID.
+_PollRow = tuple[str | None, str | None, int]
 STATUS_FILTERS = ("all", "active", "pending", "running", "terminal", *(o.value for o in Outcome))
 
 
-@dataclass(frozen=True, slots=True)
-class FinishResult:
-    """What `finish` did: whether the ID became terminal now, and the group digest it produced."""
-
-    newly_terminal: bool
-    enqueued: int = 0
-    group_record: dict[str, Any] | None = None
-
-
 class Store(OutboxQueries):
-    """One open state file, held exclusively by this process (see `Store.open`)."""
+    """One open state file, held exclusively by this process (see `Store.open`).
+
+    Poll bookkeeping (`save_poll`, `complete_request`) is kept in memory and written by
+    `flush_polls()` in one transaction: the owner calls it from a periodic task (about every
+    second) and `close()` calls it once more. Reads of executions flush first, so they see it
+    (during a fault they read what is on disk).
+    """
 
     def __init__(self, db: Connection, lock: FileLock | None) -> None:
         self._db = db
         self._lock = lock
         self._group_sinks: tuple[str, ...] = ()
         self._budget_writes = 0
+        self._polls: dict[str, _PollRow] = {}
+        self._answered: dict[int, float] = {}  # budget row id -> when its answer came
 
     @classmethod
-    def open(cls, path: str | Path, *, read_only: bool = False) -> Store:
-        """Open (or create) a state file. Raises StateError when it is in use, newer, or not ours.
+    def open(cls, path: str | Path | None, *, read_only: bool = False) -> Store:
+        """Open (or create) a state file. Raises StateError when it is in use, corrupt, newer or not
+        ours (checked here, once), StoreFault when the disk fails under it.
 
+        `path=None`: a private in-memory store (same schema, no lock), gone on close.
         `read_only=True` takes no lock (WAL lets it read beside a running writer); for inspection.
         """
+        if path is None:
+            if read_only:
+                raise ValueError("an in-memory store cannot be opened read-only")
+            return cls(Connection(connect(None, read_only=False), None), None)
         state_path = Path(path).expanduser()
         if not state_path.parent.is_dir():
             raise StateError(f"cannot open state file {state_path}: directory {state_path.parent} does not exist")
@@ -71,11 +89,12 @@ class Store(OutboxQueries):
             raise
         return cls(Connection(conn, state_path), lock)
 
-    @property
-    def path(self) -> Path:
-        return self._db.path
-
     def close(self) -> None:
+        """Flush the buffered bookkeeping (best effort: losing it costs a few repeated polls), close."""
+        try:
+            self.flush_polls()
+        except StoreFault as exc:
+            log.warning("poll bookkeeping not saved at close", error=str(exc), executions=len(self._polls))
         self._db.close()
         if self._lock is not None:
             self._lock.release()
@@ -124,25 +143,25 @@ class Store(OutboxQueries):
             row = conn.execute(
                 "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
             ).fetchone()
-            if row is None:
-                return False
-            conn.execute("DELETE FROM executions WHERE execution_id = ?", (execution_id,))
-            if row["grp"] is not None:
-                was_terminal = 1 if row["terminal_outcome"] is not None else 0
-                conn.execute(
-                    "UPDATE groups SET members = members - 1, terminal = terminal - ? WHERE name = ?",
-                    (was_terminal, row["grp"]),
-                )
-                self._maybe_digest(conn, row["grp"])
-            return True
+            if row is not None:
+                conn.execute("DELETE FROM executions WHERE execution_id = ?", (execution_id,))
+                if row["grp"] is not None:
+                    was_terminal = 1 if row["terminal_outcome"] is not None else 0
+                    conn.execute(
+                        "UPDATE groups SET members = members - 1, terminal = terminal - ? WHERE name = ?",
+                        (was_terminal, row["grp"]),
+                    )
+                    self._maybe_digest(conn, row["grp"])
+        self._polls.pop(execution_id, None)
+        return row is not None
 
     def get(self, execution_id: str) -> TrackedRow | None:
-        rows = self._db.read("SELECT * FROM executions WHERE execution_id = ?", (execution_id,))
+        rows = self._read_executions("SELECT * FROM executions WHERE execution_id = ?", (execution_id,))
         return tracked_from(rows[0]) if rows else None
 
     def load_active(self) -> list[TrackedRow]:
         """Every tracked ID that is not terminal yet, oldest first (what a restart resumes)."""
-        rows = self._db.read(
+        rows = self._read_executions(
             "SELECT * FROM executions WHERE terminal_outcome IS NULL ORDER BY tracked_since, execution_id"
         )
         return [tracked_from(r) for r in rows]
@@ -150,7 +169,7 @@ class Store(OutboxQueries):
     def list_executions(self, status_filter: str | None = None, limit: int = 1000, offset: int = 0) -> list[TrackedRow]:
         """Tracked IDs, oldest first. Filter: all, active|running, terminal, or an outcome."""
         where, params = _filter_sql(status_filter)
-        rows = self._db.read(
+        rows = self._read_executions(
             f"SELECT * FROM executions {where} ORDER BY tracked_since, execution_id LIMIT ? OFFSET ?",  # noqa: S608 -- `where` is one of a fixed set
             [*params, limit, offset],
         )
@@ -158,8 +177,15 @@ class Store(OutboxQueries):
 
     def count_executions(self, status_filter: str | None = None) -> int:
         where, params = _filter_sql(status_filter)
-        rows = self._db.read(f"SELECT count(*) AS n FROM executions {where}", params)  # noqa: S608 -- as above
+        rows = self._read_executions(f"SELECT count(*) AS n FROM executions {where}", params)  # noqa: S608 -- as above
         return int(rows[0]["n"])
+
+    def _read_executions(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """Buffered polls change schedules and the pending/running split: write them first. While
+        the store cannot write, read what is on disk (a flush interval old) rather than fail."""
+        with contextlib.suppress(StoreFault):
+            self.flush_polls()
+        return self._db.read(sql, params)
 
     def save_poll(
         self,
@@ -168,17 +194,46 @@ class Store(OutboxQueries):
         last_status: Mapping[str, Any] | None,
         polls: int,
     ) -> None:
-        """Persist the schedule after a poll. Not fsynced: a lost one costs one extra poll."""
+        """Note the schedule after a poll, in memory until `flush_polls` (only the latest per ID).
+
+        Serialised now, so later changes to the caller's dicts do not leak in.
+        """
+        self._polls[execution_id] = (
+            dumps(dict(schedule)) if schedule is not None else None,
+            dumps(dict(last_status)) if last_status is not None else None,
+            polls,
+        )
+
+    def flush_polls(self) -> int:
+        """Write the buffered polls and answered requests in ONE transaction; returns how many.
+
+        Not fsynced: a lost one costs a repeated poll, or a budget primed more carefully. On
+        StoreFault the buffers are kept for the next call. Call it about every second.
+        """
+        if not self._polls and not self._answered:
+            return 0
         with self._db.transaction(durable=False) as conn:
-            conn.execute(
+            conn.executemany(
                 "UPDATE executions SET schedule_json = ?, last_status_json = ?, polls = ?"
                 " WHERE execution_id = ? AND terminal_outcome IS NULL",
-                (
-                    dumps(dict(schedule)) if schedule is not None else None,
-                    dumps(dict(last_status)) if last_status is not None else None,
-                    polls,
-                    execution_id,
-                ),
+                [(*row, execution_id) for execution_id, row in self._polls.items()],
+            )
+            conn.executemany(
+                "UPDATE budget SET stamp = ?, done = 1 WHERE id = ?",
+                [(stamp, row_id) for row_id, stamp in self._answered.items()],
+            )
+        written = len(self._polls) + len(self._answered)
+        self._polls.clear()
+        self._answered.clear()
+        return written
+
+    def probe(self) -> None:
+        """A tiny durable write that raises StoreFault while the store still cannot write."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('probe', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (repr(time.time()),),
             )
 
     def finish(
@@ -195,22 +250,37 @@ class Store(OutboxQueries):
         When this was the group's last member, the group digest is built and enqueued for the
         group sinks in the same transaction.
         """
-        outcome = Outcome(outcome)
         with self._db.transaction() as conn:
-            row = conn.execute(
-                "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
-            ).fetchone()
-            if row is None or row["terminal_outcome"] is not None:
-                return FinishResult(newly_terminal=False)
-            conn.execute(
-                "UPDATE executions SET terminal_outcome = ?, terminal_at = ?, record_json = ? WHERE execution_id = ?",
-                (outcome.value, terminal_at or time.time(), dumps(dict(record)), execution_id),
+            result = self._finish(
+                conn, execution_id, Outcome(outcome), record=record, sinks=sinks, terminal_at=terminal_at or time.time()
             )
-            added = enqueue(conn, record, sinks, execution_id=execution_id)
-            group_record = None
-            if row["grp"] is not None:
-                conn.execute("UPDATE groups SET terminal = terminal + 1 WHERE name = ?", (row["grp"],))
-                group_record = self._maybe_digest(conn, row["grp"])
+        self._polls.pop(execution_id, None)  # a terminal row takes no more poll bookkeeping
+        return result
+
+    def _finish(
+        self,
+        conn: sqlite3.Connection,
+        execution_id: str,
+        outcome: Outcome,
+        *,
+        record: Mapping[str, Any],
+        sinks: Sequence[str],
+        terminal_at: float,
+    ) -> FinishResult:
+        row = conn.execute(
+            "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
+        ).fetchone()
+        if row is None or row["terminal_outcome"] is not None:
+            return FinishResult(newly_terminal=False)
+        conn.execute(
+            "UPDATE executions SET terminal_outcome = ?, terminal_at = ?, record_json = ? WHERE execution_id = ?",
+            (outcome.value, terminal_at, dumps(dict(record)), execution_id),
+        )
+        added = enqueue(conn, record, sinks, execution_id=execution_id)
+        group_record = None
+        if row["grp"] is not None:
+            conn.execute("UPDATE groups SET terminal = terminal + 1 WHERE name = ?", (row["grp"],))
+            group_record = self._maybe_digest(conn, row["grp"])
         return FinishResult(newly_terminal=True, enqueued=added, group_record=group_record)
 
     def undelivered_ids(self) -> set[str]:
@@ -228,16 +298,39 @@ class Store(OutboxQueries):
             return found
         return {i: found[i] for i in execution_ids if i in found}
 
+    def terminal_records(self, execution_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The result record of each given ID that is terminal (what `Monitor.results` hands out)."""
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(execution_ids):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.read(
+                f"SELECT execution_id, record_json FROM executions WHERE execution_id IN ({marks})"  # noqa: S608 -- only placeholders
+                " AND record_json IS NOT NULL",
+                chunk,
+            )
+            found.update((str(r["execution_id"]), json.loads(r["record_json"])) for r in rows)
+        return found
+
+    def tracked_among(self, execution_ids: Iterable[str]) -> set[str]:
+        """Which of these IDs are tracked (terminal ones included)."""
+        found: set[str] = set()
+        for chunk in _chunks(list(execution_ids)):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.read(
+                f"SELECT execution_id FROM executions WHERE execution_id IN ({marks})",  # noqa: S608 -- only placeholders
+                chunk,
+            )
+            found.update(str(r["execution_id"]) for r in rows)
+        return found
+
     # -- groups -------------------------------------------------------------------------------
 
     def _maybe_digest(self, conn: sqlite3.Connection, group: str) -> dict[str, Any] | None:
         """Enqueue the group's digest once every member is terminal (once per group name)."""
-        state = conn.execute(
-            "SELECT members, terminal, expected_total, digest_at FROM groups WHERE name = ?", (group,)
-        ).fetchone()
+        state = conn.execute("SELECT members, terminal, digest_at FROM groups WHERE name = ?", (group,)).fetchone()
         if state is None or state["digest_at"] is not None or state["members"] <= 0:
             return None
-        if state["terminal"] < max(state["members"], state["expected_total"] or 0):
+        if state["terminal"] < state["members"]:
             return None
         members = conn.execute(
             "SELECT record_json FROM executions WHERE grp = ? AND record_json IS NOT NULL", (group,)
@@ -247,19 +340,14 @@ class Store(OutboxQueries):
         conn.execute("UPDATE groups SET digest_at = ? WHERE name = ?", (time.time(), group))
         return record
 
-    def set_group_expected(self, group: str, expected_total: int) -> None:
-        """Hold the digest until at least this many members are terminal (members may arrive late)."""
-        with self._db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO groups (name, expected_total) VALUES (?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET expected_total = excluded.expected_total",
-                (group, expected_total),
-            )
-
     # -- budget history -----------------------------------------------------------------------
 
     def record_request(self, stamp: float) -> int:
-        """A request is about to be sent at `stamp` (epoch s); returns its row id."""
+        """A request is about to be sent at `stamp` (epoch s); returns its row id.
+
+        Written at once (WAL, not fsynced: it survives a killed process), because after a restart
+        the budget must count every request the server may have counted.
+        """
         with self._db.transaction(durable=False) as conn:
             cursor = conn.execute("INSERT INTO budget (stamp, done) VALUES (?, 0)", (stamp,))
             self._budget_writes += 1
@@ -268,14 +356,24 @@ class Store(OutboxQueries):
             return int(cursor.lastrowid or 0)
 
     def complete_request(self, row_id: int, stamp: float) -> None:
-        """The answer came at `stamp`: the latest moment the server can have counted the request."""
-        with self._db.transaction(durable=False) as conn:
-            conn.execute("UPDATE budget SET stamp = ?, done = 1 WHERE id = ?", (stamp, row_id))
+        """The answer came at `stamp`: the latest moment the server can have counted the request.
+
+        Buffered until `flush_polls`: if it is lost, the restart counts the request as unanswered,
+        i.e. seen at send time + timeout, which is never earlier than its answer (safe side).
+        """
+        self._answered[row_id] = stamp
 
     def recent_requests(self, since: float) -> list[tuple[float, bool]]:
         """(stamp, done) of requests at or after `since`, oldest first. Not done = sent, no answer seen."""
+        self.flush_polls()
         rows = self._db.read("SELECT stamp, done FROM budget WHERE stamp >= ? ORDER BY stamp", (since,))
         return [(float(r["stamp"]), bool(r["done"])) for r in rows]
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterable[list[str]]:
+    """Slices small enough for SQLite's limit on bound parameters."""
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
 
 
 def _join_group(conn: sqlite3.Connection, group: str) -> None:

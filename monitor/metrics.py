@@ -78,6 +78,14 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        self._store_healthy = Gauge(
+            "state_store_healthy", "1 while the state store records, 0 while it is failing.", namespace=ns, registry=reg
+        )
+        self._store_healthy.set(1)
+        self._store_faults = Counter(
+            "state_store_faults", "Times the state store started failing (disk full, I/O error, busy).",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
         self._loop_stalls = Counter(
             "event_loop_stalls", "Times the event loop was blocked longer than the stall threshold.",
             namespace=ns, registry=reg,
@@ -118,6 +126,12 @@ class Metrics:
 
     def loop_stalled(self) -> None:
         self._loop_stalls.inc()
+
+    def set_store_healthy(self, healthy: bool) -> None:
+        self._store_healthy.set(1 if healthy else 0)
+
+    def store_fault(self) -> None:
+        self._store_faults.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
