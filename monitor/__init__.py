@@ -14,14 +14,13 @@ command's start) stays light.
 import logging
 from typing import TYPE_CHECKING, Any
 
+from monitor._version import __version__
 from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed
 from monitor.records import Outcome
 
 if TYPE_CHECKING:
     from monitor.engine import Monitor
     from monitor.results import Result
-
-__version__ = "0.1.0"
 
 # A library configures no logging: records go to the `monitor` logger and show only where the
 # application sends them. The NullHandler keeps Python's last-resort handler from printing them.

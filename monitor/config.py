@@ -64,7 +64,7 @@ class ApiConfig:
     base_url: str = "http://127.0.0.1:8080"
     api_key_env: str = "EXECMON_API_KEY"
     api_key_file: str | None = None
-    rate_limit: RateLimit = DEFAULT_RATE_LIMIT
+    rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT  # None: no limit ("none")
     request_timeout_s: float = 10.0
     max_connections: int = 10
     retry_after_cap_s: float = 300.0

@@ -15,7 +15,7 @@ from typing import Any
 from monitor.api.client import check_base_url
 from monitor.errors import UsageError
 from monitor.logs import FORMATS, LEVELS
-from monitor.rates import RateLimit, parse_duration, parse_rate_limit
+from monitor.rates import RateLimit, parse_duration, parse_rate_limit, parse_rate_limit_or_none
 from monitor.records import Outcome
 
 DEFAULT_RATE_LIMIT = RateLimit(30, 60.0)
@@ -117,13 +117,14 @@ def _integer(minimum: int) -> Parser:
     return parse
 
 
-def _rate(value: Any) -> RateLimit:
+def _rate(value: Any) -> RateLimit | None:
+    """A RateLimit, or None for "none": no limit (the budget hands out requests at once)."""
     if isinstance(value, RateLimit):
         return value
     try:
-        return parse_rate_limit(value) if isinstance(value, str) else parse_rate_limit("")
+        return parse_rate_limit_or_none(value) if isinstance(value, str) else parse_rate_limit("")
     except ValueError:
-        raise Invalid("a rate limit 'N/T' with N >= 1 and T > 0, such as '30/60s'") from None
+        raise Invalid("a rate limit 'N/T' with N >= 1 and T > 0, such as '30/60s', or 'none'") from None
 
 
 def _base_url(value: Any) -> str:

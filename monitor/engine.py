@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -216,7 +217,9 @@ class Monitor:
         now = clock.wall()
         timeout = config.api.request_timeout_s
         history = []
-        for stamp, done in store.recent_requests(now - config.api.rate_limit.window_s - timeout):
+        rate = config.api.rate_limit
+        recent = () if rate is None else store.recent_requests(now - rate.window_s - timeout)  # None: no window
+        for stamp, done in recent:
             # An unanswered request (the process died first) reached the server by its timeout at the
             # latest, and before this process started at the very latest.
             seen_at = stamp if done else min(stamp + timeout, now)
@@ -293,7 +296,7 @@ class Monitor:
         parts = self._require_parts()
         while True:
             stats = parts.require_budget().stats()
-            self.metrics.set_budget(stats.used, stats.free)
+            self.metrics.set_budget(stats.used, math.inf if stats.free is None else stats.free)
             try:
                 counts = {state: parts.store.count_executions(state) for state in ("pending", "running", *_OUTCOMES)}
             except StoreFault as exc:

@@ -98,7 +98,7 @@ class Metrics:
     def throttled(self) -> None:
         self._throttled.inc()
 
-    def set_budget(self, used: int, free: int) -> None:
+    def set_budget(self, used: int, free: float) -> None:  # free: inf without a limit
         self._budget_used.set(used)
         self._budget_free.set(free)
 

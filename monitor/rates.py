@@ -39,6 +39,24 @@ def parse_rate_limit(text: str) -> RateLimit:
     return RateLimit(limit, window_s)
 
 
+UNLIMITED = "none"  # how an unlimited budget is written: `--rate-limit none`, `rate_limit = "none"`
+
+
+def parse_rate_limit_or_none(text: str) -> RateLimit | None:
+    """`parse_rate_limit`, or None (no limit at all) for "none" in any case.
+
+    Raises ValueError, as parse_rate_limit does, for anything else.
+    """
+    if text.strip().lower() == UNLIMITED:
+        return None
+    return parse_rate_limit(text)
+
+
+def format_rate_limit(rate: RateLimit | None) -> str:
+    """ "30/60s", or "none" for no limit: what a log line or a live view shows."""
+    return UNLIMITED if rate is None else str(rate)
+
+
 def parse_duration(text: str) -> float:
     """Parse a duration such as "90", "90s", "15m", "2h" or "1.5h" into seconds."""
     match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", text)

@@ -19,7 +19,7 @@ from monitor.logs import get_logger
 log = get_logger(__name__)
 
 _PROBE_FIRST_S = 0.5
-_PROBE_CAP_S = 10.0
+_PROBE_CAP_S = 5.0
 
 
 class Probeable(Protocol):

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from monitor.errors import MonitorFailed
+from monitor.errors import ExecmonError, MonitorFailed
 from monitor.logs import get_logger
 
 log = get_logger(__name__)
@@ -83,5 +83,8 @@ class Supervisor:
         if failure is not exc:
             failure.__cause__ = exc
         self.failure = failure
-        log.error("execmon cannot go on", error=str(failure), exc_info=failure.__cause__)
+        # A bug gets its traceback in the log; an expected failure (the store) is its message alone.
+        cause = failure.__cause__
+        trace = cause if cause is not None and not isinstance(cause, ExecmonError) else None
+        log.error("execmon cannot go on", error=str(failure), exc_info=trace)
         self._on_failure(failure)

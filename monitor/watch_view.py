@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from monitor.clock import parse_iso
-from monitor.rates import RateLimit
+from monitor.rates import RateLimit, format_rate_limit
 from monitor.records import Outcome, TerminalEvent
 
 _OUTCOME_STYLE = {
@@ -34,7 +34,7 @@ class WatchStats:
     """What the view shows: per-ID progress and outcome, totals, budget use, detection delays."""
 
     total: int
-    rate: RateLimit
+    rate: RateLimit | None  # None: no limit
     requests: int = 0
     budget_used: int = 0
     progress: dict[str, int] = field(default_factory=dict)
@@ -71,7 +71,7 @@ class WatchStats:
                 f"detection delay: mean {statistics.fmean(delays):.1f} s, p90 {p90:.1f} s, "
                 f"max {delays[-1]:.1f} s (from the server's finish time to the result)"
             )
-        console.print(f"requests: {self.requests} (budget {self.rate}); dead letters: {dead}")
+        console.print(f"requests: {self.requests} (budget {format_rate_limit(self.rate)}); dead letters: {dead}")
 
 
 class LiveView:
@@ -118,9 +118,9 @@ class LiveView:
         for outcome, style in _OUTCOME_STYLE.items():
             if counts.get(outcome.value):
                 totals.append(f"{outcome.value} {counts[outcome.value]}  ", style=style)
-        totals.append(
-            f"| budget {stats.budget_used}/{stats.rate.limit} per {stats.rate.window_s:g}s | requests {stats.requests}"
-        )
+        rate = stats.rate
+        budget = "no limit" if rate is None else f"{stats.budget_used}/{rate.limit} per {rate.window_s:g}s"
+        totals.append(f"| budget {budget} | requests {stats.requests}")
         if stats.slowest_eta_s is not None:
             eta = _duration(stats.slowest_eta_s) if stats.slowest_eta_s >= 1 else "now (due)"
             totals.append(f" | slowest ends in ~{eta}")

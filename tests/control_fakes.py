@@ -12,9 +12,9 @@ from typing import Any
 from monitor.clock import iso_utc
 from monitor.config import Config
 from monitor.errors import MonitorFailed
+from monitor.metrics import Metrics
 from monitor.records import TrackResult
 from monitor.service.control import ControlServer, ControlState, create_control_app
-from monitor.metrics import Metrics
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "not_found", "timed_out"})
 

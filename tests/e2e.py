@@ -499,6 +499,7 @@ def write_daemon_config(
     api: dict[str, Any] | None = None,
     control: dict[str, Any] | None = None,
     polling: dict[str, Any] | None = None,
+    state_options: dict[str, Any] | None = None,
 ) -> Path:
     """A config for `execmon run`: the simulator as the API, control API on 127.0.0.1:`port`,
     token from $EXECMON_CONTROL_TOKEN, the key from $EXECMON_API_KEY unless `api_key_file`."""
@@ -506,6 +507,7 @@ def write_daemon_config(
     lines = ["[api]", f"base_url = {toml_value(sim.url)}", key, f"rate_limit = {toml_value(rate)}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in (api or {}).items()]
     lines += ["[state]", f"path = {toml_value(state)}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (state_options or {}).items()]
     lines += ["[control]", f'listen = "127.0.0.1:{port}"', 'token_env = "EXECMON_CONTROL_TOKEN"']
     lines += [f"{k} = {toml_value(v)}" for k, v in (control or {}).items()]
     if polling:

@@ -261,7 +261,7 @@ def test_set_rate_applies_at_once() -> None:
 
 
 def test_stats_count_the_current_window() -> None:
-    async def main() -> tuple[int, int, int]:
+    async def main() -> tuple[int, int | None, int]:
         budget = Budget(RateLimit(5, 10.0), Clock(asyncio.get_running_loop()))
         for _ in range(3):
             budget.release(await budget.acquire())
@@ -274,3 +274,92 @@ def test_stats_count_the_current_window() -> None:
     used, free, later = vtime.run(main())
     assert (used, free, later) == (4, 1, 0)
     assert math.isfinite(float(used))
+
+
+# -- no limit ("none") ------------------------------------------------------------------------------
+
+
+def test_no_limit_hands_out_tickets_at_once_and_still_counts() -> None:
+    async def main() -> tuple[float, int, int, int | None, int | None]:
+        loop = asyncio.get_running_loop()
+        calls: list[object] = []
+        budget = Budget(None, on_request_started=calls.append, on_request_done=lambda *a: calls.append(a))
+        start = loop.time()
+        held = [await budget.acquire() for _ in range(1000)]  # far beyond any window: none waits
+        elapsed = loop.time() - start
+        stats = budget.stats()
+        for ticket in held[:-1]:
+            budget.release(ticket)
+        budget.release(held[-1], used=False)
+        assert calls == []  # no window, so no request log to keep
+        assert budget.stats().in_flight == 0
+        return elapsed, budget.requests, stats.in_flight, stats.limit, stats.free
+
+    elapsed, requests, in_flight, limit, free = vtime.run(main())
+    assert elapsed == 0.0
+    assert (requests, in_flight) == (999, 1000)
+    assert limit is None and free is None
+
+
+def test_no_limit_reports_an_infinite_rate() -> None:
+    async def main() -> float:
+        return Budget(None).rate_per_s
+
+    assert vtime.run(main()) == math.inf
+
+
+def test_no_limit_still_pauses_on_a_429_but_never_slows() -> None:
+    async def main() -> tuple[float, float, list[float]]:
+        loop = asyncio.get_running_loop()
+        budget = Budget(None)
+        budget.throttle(5.0)
+        start = loop.time()
+        budget.release(await budget.acquire())
+        paused = loop.time() - start
+        budget.throttle(None)  # no Retry-After: a short pause of its own
+        start = loop.time()
+        starts = []
+        for _ in range(3):
+            budget.release(await budget.acquire())
+            starts.append(loop.time() - start)
+        assert budget.stats().slowed_until is None
+        return paused, starts[0], [b - a for a, b in itertools.pairwise(starts)]
+
+    paused, default_pause, gaps = vtime.run(main())
+    assert paused == pytest.approx(5.0, abs=0.01)
+    assert default_pause == pytest.approx(1.0, abs=0.01)
+    assert gaps == [0.0, 0.0]
+
+
+def test_no_limit_blocks_like_any_budget() -> None:
+    async def main() -> bool:
+        budget = Budget(None)
+        budget.block()
+        waiter = asyncio.ensure_future(budget.acquire())
+        await asyncio.sleep(60)
+        blocked = not waiter.done()
+        budget.unblock()
+        budget.release(await waiter)
+        return blocked
+
+    assert vtime.run(main())
+
+
+def test_set_rate_to_and_from_no_limit() -> None:
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        budget = Budget(RateLimit(1, 10.0))
+        budget.release(await budget.acquire())
+        budget.set_rate(None)
+        start = loop.time()
+        for _ in range(50):
+            budget.release(await budget.acquire())
+        unlimited = loop.time() - start
+        budget.set_rate(RateLimit(1, 10.0))  # the first request's stamp still counts in its window
+        start = loop.time()
+        budget.release(await budget.acquire())
+        return unlimited, loop.time() - start
+
+    unlimited, limited = vtime.run(main())
+    assert unlimited == 0.0
+    assert limited == pytest.approx(10.0, abs=0.01)

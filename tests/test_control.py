@@ -15,6 +15,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from monitor.errors import UsageError
+from monitor.metrics import Metrics
 from monitor.secrets import Secret
 from monitor.service.control import (
     ControlServer,
@@ -24,7 +25,6 @@ from monitor.service.control import (
     is_loopback,
     openapi_document,
 )
-from monitor.metrics import Metrics
 
 TOKEN = "test-control-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

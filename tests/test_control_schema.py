@@ -17,9 +17,9 @@ from control_fakes import MemoryBackend, serve_in_thread
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 
+from monitor.metrics import Metrics
 from monitor.secrets import Secret
 from monitor.service.control import ControlState, openapi_document
-from monitor.metrics import Metrics
 
 TOKEN = "schema-test-token-456"
 MAX_EXAMPLES = 40

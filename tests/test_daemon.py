@@ -207,7 +207,8 @@ def factory(config):
     engine = FakeEngine(config)
     engine.shutdown_delay_s = slow
     return engine
-sys.exit(run_daemon(sys.argv[1], engine_factory=factory, backend_factory=lambda e: e.backend, validate_config=lambda config: None))
+backend = lambda engine: engine.backend
+sys.exit(run_daemon(sys.argv[1], engine_factory=factory, backend_factory=backend, validate_config=lambda c: None))
 """
 
 

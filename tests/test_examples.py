@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import monitor
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Each example's stdout, one regular expression per line, in any order (executions ending close
 # together may be seen in either order). A new example needs an entry.
@@ -24,15 +22,11 @@ EXPECTED: dict[str, list[str]] = {
     ],
 }
 
-# The examples use monitor.Monitor; until it exists they are expected to fail (and nothing is skipped).
-needs_monitor = pytest.mark.xfail(not hasattr(monitor, "Monitor"), reason="monitor.Monitor is not written yet")
-
 
 def test_every_example_has_expected_output() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
 
 
-@needs_monitor
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs_offline(name: str, tmp_path: Path) -> None:

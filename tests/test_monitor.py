@@ -73,8 +73,10 @@ async def test_a_result_is_immutable_aware_and_matches_its_record(sim: tuple[Sim
     assert record["execution_id"] == execution_id
     assert record["event_id"] == result.event_id
     assert record["outcome"] == "completed" == result.outcome
-    assert result.observed_at is not None and result.observed_at.tzinfo is not None
-    assert result.finished_at is not None and result.finished_at.tzinfo is not None
+    assert result.observed_at is not None
+    assert result.observed_at.tzinfo is not None
+    assert result.finished_at is not None
+    assert result.finished_at.tzinfo is not None
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.outcome = Outcome.FAILED  # type: ignore[misc]
     record["outcome"] = "changed"
@@ -126,7 +128,8 @@ async def test_a_rejected_key_raises_key_rejected_error(sim: tuple[Simulator, st
             await mon.wait(ids, timeout=10)
         ok, reason = mon.health()
         assert not ok
-        assert reason is not None and "401" in reason
+        assert reason is not None
+        assert "401" in reason
     assert issubclass(KeyRejectedError, ExecmonError)
 
 
@@ -204,7 +207,9 @@ async def _assert_fails_loudly(mon: Monitor, ids: list[str], task: str) -> Monit
     assert "injected" in str(raised.value.__cause__)
     assert re.search(task, str(raised.value)), raised.value
     ok, reason = mon.health()
-    assert not ok and reason is not None and "injected" in reason
+    assert not ok
+    assert reason is not None
+    assert "injected" in reason
     assert len(failures) == 1
     with pytest.raises(MonitorFailed):  # nothing more is accepted either
         await mon.track(ids)

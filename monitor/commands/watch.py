@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="*", metavar="ID", help="execution IDs, or '-' to read them from stdin")
     parser.add_argument("--config", help="TOML config file (see config.example.toml)")
     parser.add_argument("--base-url", help="API base URL (env EXECMON_BASE_URL)")
-    parser.add_argument("--rate-limit", help="requests per window for the key, e.g. 30/60s")
+    parser.add_argument("--rate-limit", help="requests per window for the key, e.g. 30/60s, or 'none' (no limit)")
     # Checked with the config's own rules (not argparse choices), so a bad value is one line too.
     parser.add_argument("--policy", metavar="{adaptive,backoff}", help="polling policy (default adaptive)")
     parser.add_argument("--timeout", help="give up on an execution after this long (e.g. 600, 15m): timed_out")

@@ -10,6 +10,10 @@ Two mechanisms, one for smoothness and one for the guarantee:
   it; so if stamp <= start - T, the server's own count for the new request (taken on arrival, which
   is after the start) cannot include the old one.
 
+With no limit at all (`rate=None`, "none" in the config) a ticket is handed out at once: no pacing,
+no window, no request log (so the hooks are not called either); requests and those in flight are
+still counted, and a 429 still pauses the key (for Retry-After, else _UNLIMITED_PAUSE_S).
+
 A 429 (`throttle`) pauses the whole key until Retry-After (capped) and halves the pacing rate for a
 few windows. A rejected key (`block`) stops every new request until `unblock`. `history` carries the
 stamps of requests a previous process made (loop time; the store persists them through the
@@ -35,6 +39,7 @@ from monitor.rates import RateLimit
 log = get_logger(__name__)
 
 DEFAULT_RATE = RateLimit(30, 60.0)
+_UNLIMITED_PAUSE_S = 1.0  # a 429 without Retry-After when there is no window to halve
 _MIN_WAIT_S = 1e-6  # a stamp exactly T old still counts (the window is (now - T, now]): wait past it
 
 StartedHook = Callable[[float], object]  # stamp -> token (e.g. a row id)
@@ -54,10 +59,10 @@ class Ticket:
 
 @dataclass(frozen=True, slots=True)
 class BudgetStats:
-    limit: int
-    window_s: float
-    used: int  # requests in the current window, in flight included
-    free: int  # requests that could start now, as far as the window goes
+    limit: int | None  # None: no limit
+    window_s: float | None
+    used: int  # requests in the current window, in flight included (no limit: in flight)
+    free: int | None  # requests that could start now, as far as the window goes (None: no limit)
     in_flight: int
     paused_until: float | None  # loop time, while a 429 pause lasts
     slowed_until: float | None  # loop time, while the pacing rate is halved
@@ -71,7 +76,7 @@ class Budget:
 
     def __init__(
         self,
-        rate: RateLimit = DEFAULT_RATE,
+        rate: RateLimit | None = DEFAULT_RATE,
         clock: Clock | None = None,
         *,
         history: Iterable[float] = (),
@@ -82,10 +87,10 @@ class Budget:
     ) -> None:
         self.rate = rate
         self._clock = clock
-        self._interval = rate.window_s / rate.limit
-        self._pacer = AsyncLimiter(1, self._interval)
+        self._interval = 0.0 if rate is None else rate.window_s / rate.limit
+        self._pacer = None if rate is None else AsyncLimiter(1, self._interval)
         self._stamps: deque[float] = deque(sorted(history))
-        self._horizon_s = rate.window_s  # how long stamps are kept (the longest window used)
+        self._horizon_s = 0.0 if rate is None else rate.window_s  # how long stamps are kept (the longest window)
         self._in_flight = 0
         self._paused_until = -math.inf
         self._slowed_until = -math.inf
@@ -109,7 +114,9 @@ class Budget:
 
     @property
     def rate_per_s(self) -> float:
-        """The sustained rate this budget allows now (halved while slowed after a 429)."""
+        """The sustained rate this budget allows now (halved while slowed after a 429); inf: no limit."""
+        if self.rate is None:
+            return math.inf
         slow = self._slowed_until > self._now()
         return self.rate.per_second / (2.0 if slow else 1.0)
 
@@ -118,7 +125,8 @@ class Budget:
     async def acquire(self) -> Ticket:
         """Wait until one more request may start; the ticket counts as in flight until released."""
         async with self._lock:  # one waiter at a time: FIFO, and each sees the previous one's stamp
-            await self._pacer.acquire()
+            if self._pacer is not None:
+                await self._pacer.acquire()
             while True:
                 wait = self._wait_needed(self._now())
                 if wait is None:
@@ -126,7 +134,7 @@ class Budget:
                 await self._sleep_or_change(wait)
             now = self._now()
             # Recorded first: if recording fails (the state store), nothing is counted or sent.
-            token = self._on_started(now) if self._on_started is not None else None
+            token = self._on_started(now) if self._on_started is not None and self.rate is not None else None
             self._in_flight += 1
             self._last_start = now
             self.requests += 1
@@ -139,11 +147,12 @@ class Budget:
         ticket.released = True
         self._in_flight -= 1
         now = self._now()
-        if used:
-            self._stamps.append(now)
-        else:
+        limited = self.rate is not None
+        if not used:
             self.requests -= 1
-        if self._on_done is not None:
+        elif limited:
+            self._stamps.append(now)
+        if self._on_done is not None and limited:
             self._on_done(ticket.token, now if used else None)
         self._notify()
 
@@ -161,13 +170,16 @@ class Budget:
             return math.inf
         if now < self._paused_until:
             return self._paused_until - now
+        rate = self.rate
+        if rate is None:
+            return None
         if now < self._slowed_until and now < self._last_start + 2 * self._interval:
             return self._last_start + 2 * self._interval - now
         self._forget_before(now - self._horizon_s)
-        window = self.rate.window_s
+        window = rate.window_s
         first = bisect.bisect_right(self._stamps, now - window)  # stamps still inside (now - T, now]
         inside = len(self._stamps) - first
-        excess = inside + self._in_flight - self.rate.limit + 1
+        excess = inside + self._in_flight - rate.limit + 1
         if excess <= 0:
             return None
         if excess > inside:
@@ -191,29 +203,39 @@ class Budget:
     def _notify(self) -> None:
         self._changed.set()
 
-    def set_rate(self, rate: RateLimit) -> None:
-        """A new limit (a config reload): pacing and the window check follow at once.
+    def set_rate(self, rate: RateLimit | None) -> None:
+        """A new limit (a config reload; None: no limit): pacing and the window check follow at once.
 
         The request log is kept for the longest window ever used, so a longer new window still
-        counts the requests already made.
+        counts the requests already made (none are logged while there is no limit).
         """
         self.rate = rate
-        self._interval = rate.window_s / rate.limit
-        self._pacer = AsyncLimiter(1, self._interval)
-        self._horizon_s = max(self._horizon_s, rate.window_s)
+        if rate is None:
+            self._interval = 0.0
+            self._pacer = None
+        else:
+            self._interval = rate.window_s / rate.limit
+            self._pacer = AsyncLimiter(1, self._interval)
+            self._horizon_s = max(self._horizon_s, rate.window_s)
         self._notify()
 
     # -- what the server said ----------------------------------------------------------------------
 
     def throttle(self, retry_after_s: float | None) -> None:
-        """A 429: pause the whole key until Retry-After (capped; T/2 without one), then go slower."""
+        """A 429: pause the whole key until Retry-After (capped; T/2 without one), then go slower.
+
+        With no limit there is no pace to slow: only the pause (Retry-After, else _UNLIMITED_PAUSE_S)."""
         now = self._now()
-        pause = self.rate.window_s / 2 if retry_after_s is None else retry_after_s
-        pause = min(max(pause, 0.0), self._throttle_cap_s)
+        rate = self.rate
+        if retry_after_s is None:
+            retry_after_s = _UNLIMITED_PAUSE_S if rate is None else rate.window_s / 2
+        pause = min(max(retry_after_s, 0.0), self._throttle_cap_s)
         self._paused_until = max(self._paused_until, now + pause)
-        self._slowed_until = max(self._slowed_until, self._paused_until + self._slow_windows * self.rate.window_s)
+        slowed_for = 0.0 if rate is None else self._slow_windows * rate.window_s
+        if rate is not None:
+            self._slowed_until = max(self._slowed_until, self._paused_until + slowed_for)
         self.throttles += 1
-        log.warning("api key throttled", pause_s=round(pause, 3), slowed_for_s=self._slow_windows * self.rate.window_s)
+        log.warning("api key throttled", pause_s=round(pause, 3), slowed_for_s=slowed_for)
         self._notify()
 
     def block(self) -> None:
@@ -234,13 +256,14 @@ class Budget:
     def stats(self) -> BudgetStats:
         now = self._now()
         self._forget_before(now - self._horizon_s)
-        inside = len(self._stamps) - bisect.bisect_right(self._stamps, now - self.rate.window_s)
+        rate = self.rate
+        inside = 0 if rate is None else len(self._stamps) - bisect.bisect_right(self._stamps, now - rate.window_s)
         used = inside + self._in_flight
         return BudgetStats(
-            limit=self.rate.limit,
-            window_s=self.rate.window_s,
+            limit=None if rate is None else rate.limit,
+            window_s=None if rate is None else rate.window_s,
             used=used,
-            free=max(self.rate.limit - used, 0),
+            free=None if rate is None else max(rate.limit - used, 0),
             in_flight=self._in_flight,
             paused_until=self._paused_until if self._paused_until > now else None,
             slowed_until=self._slowed_until if self._slowed_until > now else None,

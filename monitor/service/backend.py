@@ -14,7 +14,6 @@ from monitor.records import TrackResult
 from monitor.state.rows import TrackedRow
 
 
-
 class MonitorBackend:
     """Adapts a `Monitor` to the control API's `ControlBackend` protocol."""
 

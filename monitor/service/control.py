@@ -27,9 +27,9 @@ from aiohttp import web
 from monitor.errors import UsageError
 from monitor.ids import is_valid_execution_id
 from monitor.logs import get_logger
+from monitor.metrics import Metrics
 from monitor.records import TrackResult
 from monitor.secrets import Secret
-from monitor.metrics import Metrics
 from monitor.service.validation import ApiError, ErrorCode, check_query, parse_list_query, parse_track_request
 
 log = get_logger(__name__)

@@ -30,6 +30,8 @@ from monitor.engine import Monitor
 from monitor.errors import MonitorFailed, UsageError
 from monitor.events import Event, KeyRejected, KeyRestored
 from monitor.logs import configure_logging, get_logger
+from monitor.metrics import Metrics
+from monitor.rates import format_rate_limit
 from monitor.service.control import (
     ControlBackend,
     ControlServer,
@@ -37,7 +39,6 @@ from monitor.service.control import (
     check_listen_allowed,
     create_control_app,
 )
-from monitor.metrics import Metrics
 from monitor.service.stall import StallMonitor
 
 log = get_logger(__name__)
@@ -187,8 +188,7 @@ class Daemon:
 
     async def _stop_on_failure(self, engine: EngineLike) -> None:
         """The Monitor failed: /healthz already says why; stop, and `serve` exits 1."""
-        self.failure = await engine.wait_failed()
-        log.error("execmon cannot go on; stopping so that a supervisor restarts it", error=str(self.failure))
+        self.failure = await engine.wait_failed()  # already logged by the Monitor's supervisor
         self.request_stop()
 
     async def __aexit__(
@@ -259,7 +259,9 @@ class Daemon:
         for key in ("listen", "max_body_bytes"):
             if getattr(new.control, key) != getattr(old.control, key):
                 log.warning("a control setting changed: it takes effect on restart", key=f"control.{key}")
-        log.info("config reloaded", config=new.source, rate_limit=str(new.api.rate_limit), sinks=len(new.sinks))
+        log.info(
+            "config reloaded", config=new.source, rate_limit=format_rate_limit(new.api.rate_limit), sinks=len(new.sinks)
+        )
 
     # --- signals -------------------------------------------------------------------------------
 

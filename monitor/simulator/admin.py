@@ -6,20 +6,56 @@ They are outside the vendor API: no key needed, never counted in the rate limit.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from monitor.clock import Clock
 from monitor.simulator.errors import SimulatorRequestError
 from monitor.simulator.scenario import ProgressKind, ProgressModel
-
-if TYPE_CHECKING:
-    from monitor.simulator.server import Simulator
 
 _CREATE_KEYS = ("count", "ids", "duration_s", "outcome", "progress")
 
 
-def add_admin_routes(app: web.Application, simulator: Simulator) -> None:
+# What these routes use of server.Simulator and its ExecutionTruth rows, as Protocols: server.py imports
+# this module, so importing server here (even only for type checking) would make an import cycle.
+class TruthRow(Protocol):
+    @property
+    def execution_id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def progress(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def ended_at(self) -> float | None: ...
+    @property
+    def polls(self) -> int: ...
+
+
+class SimulatorLike(Protocol):
+    @property
+    def clock(self) -> Clock: ...
+
+    def create(
+        self,
+        *,
+        count: int | None = ...,
+        ids: list[str] | None = ...,
+        duration_s: float = ...,
+        outcome: str | None = ...,
+        progress: ProgressModel | None = ...,
+    ) -> list[str]: ...
+
+    def revoke(self, key: str) -> None: ...
+    def truth(self) -> Sequence[TruthRow]: ...
+    def not_found_ids(self) -> list[str]: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+def add_admin_routes(app: web.Application, simulator: SimulatorLike) -> None:
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(simulator.stats())
 
@@ -51,7 +87,7 @@ def add_admin_routes(app: web.Application, simulator: Simulator) -> None:
     app.router.add_post("/_sim/keys/revoke", revoke)
 
 
-def ground_truth(simulator: Simulator) -> dict[str, Any]:
+def ground_truth(simulator: SimulatorLike) -> dict[str, Any]:
     """The GET /_sim/executions body: what really happened, with wall-clock timestamps."""
     clock = simulator.clock
     return {

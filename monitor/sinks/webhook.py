@@ -18,7 +18,7 @@ from typing import Any, Self
 import aiohttp
 from yarl import URL
 
-from monitor import __version__
+from monitor._version import __version__
 from monitor.api.client import parse_retry_after
 from monitor.config import SinkConfig
 from monitor.errors import UsageError

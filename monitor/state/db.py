@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from monitor import __version__
+from monitor._version import __version__
 from monitor.errors import ExecmonError, StoreFault, UsageError
 
 SCHEMA_VERSION = 1
