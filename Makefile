@@ -23,8 +23,8 @@ demo: $(VENV)/.installed
 	@echo "execmon is installed in $(VENV), not on your PATH: run '. $(BIN)/activate' first, or call $(BIN)/execmon"
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check monitor tests benchmarks
-	$(BIN)/ruff format --check monitor tests benchmarks
+	$(BIN)/ruff check monitor tests benchmarks examples
+	$(BIN)/ruff format --check monitor tests benchmarks examples
 	$(BIN)/lint-imports --no-cache --no-logo
 
 typecheck: $(VENV)/.installed-test

@@ -18,19 +18,17 @@ from typing import Any
 
 from monitor.config_values import (
     ALL_KEYS,
-    DEFAULT_RATE_LIMIT,
     ENV_KEYS,
     SCHEMA,
     SINK_KEYS,
     Invalid,
     Parser,
-    PolicyName,
     SinkEvents,
 )
 from monitor.errors import UsageError
-from monitor.rates import RateLimit
+from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit
 from monitor.records import Outcome
-from monitor.schedule.base import DEFAULT_BACKOFF_FACTOR, DEFAULT_INITIAL_INTERVAL_S, DEFAULT_MAX_INTERVAL_S
+from monitor.schedule.base import DEFAULT_BACKOFF_FACTOR, DEFAULT_INITIAL_INTERVAL_S, DEFAULT_MAX_INTERVAL_S, PolicyName
 from monitor.secrets import Secret
 
 __all__ = [

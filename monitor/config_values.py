@@ -17,8 +17,8 @@ from monitor.errors import UsageError
 from monitor.logs import FORMATS, LEVELS
 from monitor.rates import RateLimit, parse_duration, parse_rate_limit, parse_rate_limit_or_none
 from monitor.records import Outcome
+from monitor.schedule.base import PolicyName
 
-DEFAULT_RATE_LIMIT = RateLimit(30, 60.0)
 # Environment variables that set a key (below flags, above the file).
 ENV_KEYS = {
     "api.base_url": "EXECMON_BASE_URL",
@@ -29,13 +29,6 @@ ENV_KEYS = {
     "logging.level": "EXECMON_LOG_LEVEL",
     "control.listen": "EXECMON_CONTROL_LISTEN",
 }
-
-
-class PolicyName(StrEnum):
-    """Which polling policy the scheduler runs."""
-
-    ADAPTIVE = "adaptive"  # spends the budget where a finish is likely (progress-based ETA)
-    BACKOFF = "backoff"  # the vendor page's poll_with_backoff, the baseline
 
 
 class SinkEvents(StrEnum):

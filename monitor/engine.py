@@ -477,7 +477,8 @@ class Monitor:
         state = parts.require_scheduler().export_state(execution_id)
         if state is not None:
             parts.store.save_poll(execution_id, state, status.raw if status else None, int(state.get("polls", 0)))
-        self._publish(Polled(execution_id, status, error))
+        if self._subscribers:
+            self._publish(Polled(execution_id, status, error))
 
     async def on_terminal(self, event: TerminalEvent) -> None:
         parts = self._require_parts()

@@ -33,6 +33,7 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        self._request_children: dict[str, Counter] = {}
         self._throttled = Counter(
             "api_throttled", "Answers 429 (rate limited) from the vendor API.", namespace=ns, registry=reg
         )
@@ -93,7 +94,10 @@ class Metrics:
 
     def request(self, outcome: str) -> None:
         """One status request finished: the status it reported (running, completed, ...) or "error"."""
-        self._requests.labels(outcome=outcome).inc()
+        child = self._request_children.get(outcome)
+        if child is None:  # labels() is a locked lookup: once per outcome, then the child is reused
+            child = self._request_children[outcome] = self._requests.labels(outcome=outcome)
+        child.inc()
 
     def throttled(self) -> None:
         self._throttled.inc()

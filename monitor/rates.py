@@ -24,6 +24,9 @@ class RateLimit:
         return self.limit / self.window_s
 
 
+DEFAULT_RATE_LIMIT = RateLimit(30, 60.0)  # the vendor's documented limit per key
+
+
 def parse_rate_limit(text: str) -> RateLimit:
     """Parse "N/T[unit]" (unit s by default, also ms, m, h), e.g. "30/60s" or "30/1m".
 

@@ -41,6 +41,7 @@ from monitor.secrets import Secret, redact
 log = get_logger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+_MAX_CACHED_URLS = 100_000  # status URLs kept for reuse; the cache starts over beyond that
 _DRAIN_BYTES = 64 * 1024  # error bodies are read this far so the connection can be reused
 _DELTA_SECONDS = re.compile(r"^\d+(?:\.\d+)?$")
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: anything else could split a header
@@ -151,6 +152,7 @@ class ExecutionsClient:
         self._max_body = max_body_bytes
         self._wall_clock = wall_clock
         self._target = f"{self._base.host}:{self._base.port}"
+        self._urls: dict[str, URL] = {}  # status URLs built so far (an ID is polled again and again)
 
     def __repr__(self) -> str:
         return f"ExecutionsClient(base_url={self._prefix!r}, api_key={self._key!r})"
@@ -191,7 +193,12 @@ class ExecutionsClient:
 
     async def get_status(self, execution_id: str) -> StatusRecord:
         """One status request. Raises only ApiError subclasses (InvalidExecutionId before sending)."""
-        url = self.status_url(execution_id)
+        url = self._urls.get(execution_id)
+        if url is None:
+            url = self.status_url(execution_id)  # validated once, then reused
+            if len(self._urls) >= _MAX_CACHED_URLS:
+                self._urls.clear()
+            self._urls[execution_id] = url
         loop = asyncio.get_running_loop()
         started = loop.time()
         exchange = _Exchange()
@@ -259,23 +266,29 @@ class ExecutionsClient:
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """The body, reading at most cap + 1 bytes: a larger body is refused, never buffered whole."""
-        too_large = TransientError(TransientReason.TOO_LARGE, f"answer body over {self._max_body} bytes")
-        if resp.content_length is not None and resp.content_length > self._max_body:
-            raise too_large
+        length = resp.content_length
+        if length is not None:
+            if length > self._max_body:
+                raise self._too_large()
+            return await resp.read()  # the parser stops at Content-Length: within the cap
         body = bytearray()
         while len(body) <= self._max_body:
             chunk = await resp.content.read(self._max_body + 1 - len(body))
             if not chunk:
                 return bytes(body)
             body += chunk
-        raise too_large
+        raise self._too_large()
+
+    def _too_large(self) -> TransientError:
+        return TransientError(TransientReason.TOO_LARGE, f"answer body over {self._max_body} bytes")
 
 
 def _decode_status(execution_id: str, body: bytes) -> StatusRecord:
     """Body bytes to a StatusRecord, or TransientError (raised outside the handlers: no context)."""
     error: TransientError | None = None
     try:
-        payload: Any = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        # What json.loads(body, parse_constant=..., parse_float=...) does, without a new decoder each time.
+        payload: Any = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         error = TransientError(TransientReason.NOT_JSON, "answer body nests too deeply")
     except ValueError as exc:  # also UnicodeDecodeError and over-long integers
@@ -300,6 +313,9 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"number {text[:20]} is out of range")
     return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 async def _drain(resp: aiohttp.ClientResponse) -> None:

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 from monitor.errors import UsageError
 from monitor.logs import configure_logging, get_logger
-from monitor.rates import RateLimit, parse_rate_limit
-from monitor.simulator.scenario import DEFAULT_RATE_LIMIT, Scenario, default_scenario, load_scenario
+from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit, parse_rate_limit
+from monitor.simulator.scenario import Scenario, default_scenario, load_scenario
 from monitor.simulator.server import SimulatorSettings, simulator_of, start_simulator
 
 HELP = "Serve a local Executions API (the vendor contract, rate limit and faults) for demos and tests."

@@ -9,10 +9,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from enum import StrEnum
 from typing import ClassVar
 
 from monitor.records import Outcome
 from monitor.schedule.state import ExecState, LazyHeap
+
+
+class PolicyName(StrEnum):
+    """Which polling policy the scheduler runs (`make_policy` builds it)."""
+
+    ADAPTIVE = "adaptive"  # spends the budget where a finish is likely (progress-based ETA)
+    BACKOFF = "backoff"  # the vendor page's poll_with_backoff, the baseline
+
 
 EPS = 1e-6  # seconds: comparisons of sums and differences may disagree in the last bit
 

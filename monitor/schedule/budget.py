@@ -34,11 +34,10 @@ from aiolimiter import AsyncLimiter
 
 from monitor.clock import Clock
 from monitor.logs import get_logger
-from monitor.rates import RateLimit
+from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit
 
 log = get_logger(__name__)
 
-DEFAULT_RATE = RateLimit(30, 60.0)
 _UNLIMITED_PAUSE_S = 1.0  # a 429 without Retry-After when there is no window to halve
 _MIN_WAIT_S = 1e-6  # a stamp exactly T old still counts (the window is (now - T, now]): wait past it
 
@@ -76,7 +75,7 @@ class Budget:
 
     def __init__(
         self,
-        rate: RateLimit | None = DEFAULT_RATE,
+        rate: RateLimit | None = DEFAULT_RATE_LIMIT,
         clock: Clock | None = None,
         *,
         history: Iterable[float] = (),

@@ -68,12 +68,13 @@ from monitor.schedule.base import (
     DEFAULT_MAX_INTERVAL_S,
     EPS,
     Policy,
+    PolicyName,
 )
 from monitor.schedule.state import ExecState, LazyHeap
 
 __all__ = ["POLICY_NAMES", "BackoffPolicy", "Policy", "make_policy"]  # Policy: for the scheduler
 
-POLICY_NAMES = ("adaptive", "backoff")
+POLICY_NAMES = tuple(name.value for name in PolicyName)
 
 
 class BackoffPolicy(Policy):

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.errors import UsageError
-from monitor.rates import RateLimit, parse_rate_limit
-
-DEFAULT_RATE_LIMIT = RateLimit(30, 60.0)
+from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit, parse_rate_limit
 
 
 class PlannedOutcome(StrEnum):

@@ -24,7 +24,7 @@ from aiohttp import web
 from monitor.clock import Clock
 from monitor.ids import is_valid_execution_id
 from monitor.logs import get_logger
-from monitor.rates import RateLimit
+from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit
 from monitor.secrets import register_secret
 from monitor.simulator.admin import add_admin_routes
 from monitor.simulator.errors import ExecutionExists, SimulatorRequestError
@@ -34,7 +34,6 @@ from monitor.simulator.ratelimit import SlidingWindows
 from monitor.simulator.scenario import (
     DEFAULT_OUTCOMES,
     DEFAULT_PROGRESS,
-    DEFAULT_RATE_LIMIT,
     PlannedExecution,
     PlannedOutcome,
     ProgressModel,

@@ -40,8 +40,8 @@ log = get_logger(__name__)
 
 BUDGET_KEEP_S = 3600.0  # request history older than this can no longer matter to any window
 _PRUNE_EVERY = 64
-# What save_poll keeps until flush_polls: (schedule_json, last_status_json, polls) per ID.
-_PollRow = tuple[str | None, str | None, int]
+# What save_poll keeps until flush_polls: (schedule, last_status, polls) per ID, serialised by the flush.
+_PollRow = tuple[dict[str, Any] | None, dict[str, Any] | None, int]
 STATUS_FILTERS = ("all", "active", "pending", "running", "terminal", *(o.value for o in Outcome))
 
 
@@ -196,11 +196,12 @@ class Store(OutboxQueries):
     ) -> None:
         """Note the schedule after a poll, in memory until `flush_polls` (only the latest per ID).
 
-        Serialised now, so later changes to the caller's dicts do not leak in.
+        The mappings are copied now (one level: pass values you will not change) and serialised by
+        the flush, once per ID however often it was polled in between: a poll costs no JSON.
         """
         self._polls[execution_id] = (
-            dumps(dict(schedule)) if schedule is not None else None,
-            dumps(dict(last_status)) if last_status is not None else None,
+            dict(schedule) if schedule is not None else None,
+            dict(last_status) if last_status is not None else None,
             polls,
         )
 
@@ -212,11 +213,15 @@ class Store(OutboxQueries):
         """
         if not self._polls and not self._answered:
             return 0
+        rows = [
+            (_dumps_or_none(schedule), _dumps_or_none(last_status), polls, execution_id)
+            for execution_id, (schedule, last_status, polls) in self._polls.items()
+        ]
         with self._db.transaction(durable=False) as conn:
             conn.executemany(
                 "UPDATE executions SET schedule_json = ?, last_status_json = ?, polls = ?"
                 " WHERE execution_id = ? AND terminal_outcome IS NULL",
-                [(*row, execution_id) for execution_id, row in self._polls.items()],
+                rows,
             )
             conn.executemany(
                 "UPDATE budget SET stamp = ?, done = 1 WHERE id = ?",
@@ -368,6 +373,10 @@ class Store(OutboxQueries):
         self.flush_polls()
         rows = self._db.read("SELECT stamp, done FROM budget WHERE stamp >= ? ORDER BY stamp", (since,))
         return [(float(r["stamp"]), bool(r["done"])) for r in rows]
+
+
+def _dumps_or_none(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else dumps(value)
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> Iterable[list[str]]:
