@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest bench scale clean
+.PHONY: demo test lint typecheck pytest bench scale overhead clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +53,14 @@ bench: $(VENV)/.installed
 	done; \
 	rm -f $$err; echo "make bench: $$ran scenarios benchmarked, $$skipped skipped"
 
+# Scheduling cost per decision at 1k-100k executions, then the cost of the whole core: the Monitor's
+# polls/s against a bare aiohttp loop, no rate limit (exits non-zero below 0.5x; not a test).
 scale: $(VENV)/.installed
 	$(BIN)/python benchmarks/scale.py
+	$(MAKE) --no-print-directory overhead
+
+overhead: $(VENV)/.installed
+	$(BIN)/python benchmarks/core_overhead.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage

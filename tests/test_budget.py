@@ -298,7 +298,8 @@ def test_no_limit_hands_out_tickets_at_once_and_still_counts() -> None:
     elapsed, requests, in_flight, limit, free = vtime.run(main())
     assert elapsed == 0.0
     assert (requests, in_flight) == (999, 1000)
-    assert limit is None and free is None
+    assert limit is None
+    assert free is None
 
 
 def test_no_limit_reports_an_infinite_rate() -> None:

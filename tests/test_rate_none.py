@@ -68,7 +68,8 @@ async def test_a_monitor_with_no_limit_polls_an_unlimited_simulator(tmp_path: Pa
             await mon.track(ids)
             done = await mon.wait(ids, timeout=30)
             stats = mon.budget.stats()
-            assert stats.limit is None and stats.free is None
+            assert stats.limit is None
+            assert stats.free is None
             assert mon.budget.requests == simulator.stats()["requests_total"]
         # Paced at the default 30 per 60 s, the first 20 polls alone would take 40 s: past the timeout.
         assert {r.outcome for r in done.values()} == {Outcome.COMPLETED}

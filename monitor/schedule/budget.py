@@ -169,11 +169,14 @@ class Budget:
             return math.inf
         if now < self._paused_until:
             return self._paused_until - now
-        rate = self.rate
-        if rate is None:
+        if self.rate is None:
             return None
         if now < self._slowed_until and now < self._last_start + 2 * self._interval:
             return self._last_start + 2 * self._interval - now
+        return self._window_wait(now, self.rate)
+
+    def _window_wait(self, now: float, rate: RateLimit) -> float | None:
+        """The sliding-window part of `_wait_needed`: None, or seconds until a slot frees."""
         self._forget_before(now - self._horizon_s)
         window = rate.window_s
         first = bisect.bisect_right(self._stamps, now - window)  # stamps still inside (now - T, now]
