@@ -25,7 +25,7 @@ from typing import Any, Self
 from monitor.api.client import ExecutionsClient
 from monitor.api.models import StatusRecord
 from monitor.clock import Clock, parse_iso
-from monitor.config import Config, SinkConfig, load_config
+from monitor.config import Config, SinkConfig, find_config_path, load_config
 from monitor.delivery import Delivery
 from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed, StoreFault
 from monitor.events import (
@@ -110,7 +110,8 @@ class Monitor:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Monitor:
-        """A Monitor from a TOML config file (`config.example.toml` documents it).
+        """A Monitor from a TOML config file (`config.example.toml` documents it); without a path,
+        the file the commands read ($EXECMON_CONFIG, else ./execmon.toml if it exists).
 
         Overrides are the constructor's keywords (`base_url=`, `state=`, `sinks=`, ...); the state
         file is `[state] path` unless `state=` is given (`state=None`: in memory).
@@ -123,12 +124,11 @@ class Monitor:
             raise TypeError(f"unknown override(s): {', '.join(sorted(unknown))}")
         if any(isinstance(s, str) for s in sinks):
             flags["sinks"] = [parse_sink_spec(s) for s in sinks if isinstance(s, str)]
-        config = load_config(None if path is None else Path(path), overrides=flags)
+        config = load_config(find_config_path(None if path is None else Path(path)), overrides=flags)
         if overrides.get("api_key") is not None:
             config = dataclasses.replace(config, env_api_key=_secret(overrides["api_key"]))
-        monitor = cls(config=config, state=config.state.path if state is ... else state)
-        monitor._sinks += _sink_objects(sinks)
-        return monitor
+        objects = [s for s in sinks if not isinstance(s, str)]
+        return cls(config=config, state=config.state.path if state is ... else state, sinks=objects)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
