@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from monitor import Monitor, Outcome
 from monitor.config import ConfigError, load_config
 from monitor.rates import RateLimit, format_rate_limit, parse_rate_limit, parse_rate_limit_or_none
 from monitor.schedule.adaptive import AdaptivePolicy
 from monitor.simulator.server import SimulatorSettings, simulator_of, start_simulator
+from monitor.watch_view import LiveView, WatchStats
 
 KEY = "sk_test_unlimited"
 
@@ -55,6 +58,16 @@ def test_adaptive_floor_is_the_shortest_gap_with_no_limit() -> None:
     policy = AdaptivePolicy()
     policy.bind_rate(lambda: math.inf)
     assert policy.floor_interval(0.0) == policy.min_gap_s
+
+
+def test_the_live_view_says_there_is_no_limit() -> None:
+    stats = WatchStats(total=2, rate=None, requests=40, budget_used=3)
+    stats.progress.update({"exec_a": 10})
+    view = LiveView(stats)
+    out = io.StringIO()
+    view.console = Console(file=out, width=120, height=20, force_terminal=False)
+    view.console.print(view._render())
+    assert "| budget no limit | requests 40" in out.getvalue()
 
 
 async def test_a_monitor_with_no_limit_polls_an_unlimited_simulator(tmp_path: Path) -> None:
