@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from monitor.config import find_config_path, load_config
 from monitor.errors import UsageError
 from monitor.ids import ALLOWED_DESCRIPTION, ids_from_arguments, is_valid_execution_id
+from monitor.records import new_batch_id
 from monitor.secrets import Secret
 from monitor.service.validation import MAX_IDS, MAX_LIMIT
 
@@ -122,12 +123,14 @@ class ControlClient:
         so no chunk is rejected for its IDs after an earlier one was tracked."""
         added: list[str] = []
         already: list[str] = []
+        batch = new_batch_id() if group is not None else None  # one call, one batch, however many chunks
         for start in range(0, len(ids), MAX_IDS):
             body: dict[str, Any] = {"ids": ids[start : start + MAX_IDS], "labels": dict(labels or {})}
             if deadline_s is not None:
                 body["deadline_s"] = deadline_s
             if group is not None:
                 body["group"] = group
+                body["batch"] = batch
             answer = self._request("POST", "/v1/executions", body)
             added.extend(answer.get("added", []))
             already.extend(answer.get("already_tracked", []))

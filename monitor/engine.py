@@ -42,7 +42,7 @@ from monitor.events import (
 from monitor.ids import validate_execution_id
 from monitor.logs import get_logger
 from monitor.metrics import Metrics
-from monitor.records import Outcome, TerminalEvent, TrackResult, build_result_record
+from monitor.records import Outcome, TerminalEvent, TrackResult, build_result_record, new_batch_id
 from monitor.results import Result
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
@@ -216,14 +216,9 @@ class Monitor:
         store, clock = parts.store, parts.clock
         now = clock.wall()
         timeout = config.api.request_timeout_s
-        history = []
         rate = config.api.rate_limit
-        recent = () if rate is None else store.recent_requests(now - rate.window_s - timeout)  # None: no window
-        for stamp, done in recent:
-            # An unanswered request (the process died first) reached the server by its timeout at the
-            # latest, and before this process started at the very latest.
-            seen_at = stamp if done else min(stamp + timeout, now)
-            history.append(clock.to_loop(seen_at))
+        recent = [] if rate is None else store.recent_requests(now - rate.window_s - timeout)  # None: no window
+        history = [clock.to_loop(seen_at) for seen_at in _seen_at(recent, now, timeout)]
         return Budget(
             config.api.rate_limit,
             clock,
@@ -331,16 +326,21 @@ class Monitor:
         deadline_s: float | None = None,
         group: str | None = None,
         labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
     ) -> TrackResult:
-        """`track` for IDs already validated (persisted first, then scheduled)."""
+        """`track` for IDs already validated (persisted first, then scheduled). With a group, the
+        call is one batch (one digest) unless `batch` continues an earlier one."""
         parts = self._require_running()
         if deadline_s is None and self.config.polling.deadline_s > 0:
             deadline_s = self.config.polling.deadline_s
         now = parts.clock.wall()
         deadline_at = None if deadline_s is None else now + deadline_s
         label_map = dict(labels or {})
+        if group is not None and batch is None:
+            batch = new_batch_id(now)
         requests = [
-            TrackRequest(i, tracked_since=now, deadline_at=deadline_at, group=group, labels=label_map) for i in ids
+            TrackRequest(i, tracked_since=now, deadline_at=deadline_at, group=group, batch=batch, labels=label_map)
+            for i in ids
         ]
         try:
             added = parts.store.track_many(requests)
@@ -351,7 +351,7 @@ class Monitor:
         for execution_id in added:
             scheduler.track(execution_id, deadline_s=deadline_s, group=group, labels=label_map)
         fresh = set(added)
-        return TrackResult(added, [i for i in ids if i not in fresh])
+        return TrackResult(added, [i for i in ids if i not in fresh], batch if group is not None else None)
 
     def untrack(self, execution_id: str) -> bool:
         """Stop watching one ID (a pending delivery of its result stays). False if it was not tracked."""
@@ -588,6 +588,24 @@ class _Parts:
     def require_budget(self) -> Budget:
         assert self.budget is not None, "the budget is built in __aenter__"
         return self.budget
+
+
+def _seen_at(recent: Sequence[tuple[float, bool]], now: float, timeout_s: float) -> list[float]:
+    """When the server saw each earlier request at the latest (epoch s, never after `now`).
+
+    An unanswered request (the process died first) reached the server by its timeout at the
+    latest, and before this process started at the very latest. A stamp after `now` was written
+    before the wall clock stepped back: it counts as made now (still in the window: the safe side);
+    taken as it is, it would hold the budget for the size of the step.
+    """
+    ahead = [stamp - now for stamp, _ in recent if stamp > now]
+    if ahead:
+        log.warning(
+            "request history is stamped in the future (the wall clock stepped back); counted as made now",
+            requests=len(ahead),
+            ahead_s=round(max(ahead), 3),
+        )
+    return [min(stamp if done else stamp + timeout_s, now) for stamp, done in recent]
 
 
 def _secret(value: str | Secret) -> Secret:

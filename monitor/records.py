@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ class TrackResult:
 
     added: list[str] = field(default_factory=list)
     already_tracked: list[str] = field(default_factory=list)
+    batch: str | None = None  # with a group: the batch the added IDs joined (one digest per batch)
 
 
 def event_id(execution_id: str, outcome: Outcome | str) -> str:
@@ -55,8 +58,15 @@ def event_id(execution_id: str, outcome: Outcome | str) -> str:
     return f"ev_{digest[:32]}"
 
 
-def group_event_id(group: str) -> str:
-    return "evg_" + hashlib.sha256(f"group:{group}".encode()).hexdigest()[:32]
+def group_event_id(group: str, batch: str) -> str:
+    """Stable per batch: each use of a group name is its own batch, with its own digest."""
+    return "evg_" + hashlib.sha256(f"group:{group}:{batch}".encode()).hexdigest()[:32]
+
+
+def new_batch_id(now_epoch_s: float | None = None) -> str:
+    """A fresh batch ID: the UTC time it started (readable) plus randomness (unique)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_epoch_s))
+    return f"b_{stamp}_{secrets.token_hex(4)}"
 
 
 def build_result_record(event: TerminalEvent) -> dict[str, Any]:
@@ -81,16 +91,17 @@ def build_result_record(event: TerminalEvent) -> dict[str, Any]:
     }
 
 
-def build_group_record(group: str, members: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """One digest for a group whose members are all terminal; `members` are their result records."""
+def build_group_record(group: str, batch: str, members: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One digest for a batch of a group whose members are all terminal; `members` are their records."""
     records = list(members)
     outcomes = Counter(str(r["outcome"]) for r in records)
     failed = sorted(r["execution_id"] for r in records if r["outcome"] != Outcome.COMPLETED.value)
     finished = sorted(str(r.get("finished_at") or r["observed_at"]) for r in records)
     return {
-        "event_id": group_event_id(group),
+        "event_id": group_event_id(group, batch),
         "kind": "group",
         "group": group,
+        "batch": batch,
         "total": len(records),
         "outcomes": dict(sorted(outcomes.items())),
         "failed_ids": failed,

@@ -56,13 +56,20 @@ class MemoryBackend:
         }
 
     async def track(
-        self, ids: list[str], *, deadline_s: float | None, group: str | None, labels: dict[str, str]
+        self,
+        ids: list[str],
+        *,
+        deadline_s: float | None,
+        group: str | None,
+        labels: dict[str, str],
+        batch: str | None = None,
     ) -> TrackResult:
         added: list[str] = []
         already: list[str] = []
         with self._lock:
             self.track_calls.append(list(ids))
-            self.track_options.append({"deadline_s": deadline_s, "group": group, "labels": labels})
+            options = {"deadline_s": deadline_s, "group": group, "labels": labels}
+            self.track_options.append(options if batch is None else {**options, "batch": batch})
             for execution_id in ids:
                 if execution_id in self.executions:
                     already.append(execution_id)

@@ -70,9 +70,9 @@ def test_add_passes_deadline_labels_and_group(daemon: Daemonish, capsys: pytest.
     argv = ["add", "exec_1", "--deadline", "90m", "--label", "team=ml", "--label", "run=a=b", "--group", "nightly"]
     code, _, _ = execmon(capsys, *argv)
     assert code == 0
-    assert daemon.backend.track_options == [
-        {"deadline_s": 5400.0, "group": "nightly", "labels": {"team": "ml", "run": "a=b"}}
-    ]
+    [options] = daemon.backend.track_options
+    assert options.pop("batch").startswith("b_")  # one `add` call is one batch of the group
+    assert options == {"deadline_s": 5400.0, "group": "nightly", "labels": {"team": "ml", "run": "a=b"}}
 
 
 def test_add_splits_big_batches_under_the_per_request_cap(
@@ -82,6 +82,18 @@ def test_add_splits_big_batches_under_the_per_request_cap(
     code, out, _ = execmon(capsys, "add", "-", stdin="\n".join(ids))
     assert (code, out) == (0, "25000 added, 0 already tracked\n")
     assert [len(call) for call in daemon.backend.track_calls] == [10_000, 10_000, 5_000]
+    assert [o.get("batch") for o in daemon.backend.track_options] == [None, None, None]  # no group: no batch
+
+
+def test_add_of_a_group_in_several_requests_is_still_one_batch(
+    daemon: Daemonish, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = [f"exec_{i:05d}" for i in range(15_000)]
+    code, _, _ = execmon(capsys, "add", "-", "--group", "nightly", stdin="\n".join(ids))
+    assert code == 0
+    batches = {o["batch"] for o in daemon.backend.track_options}
+    assert len(daemon.backend.track_options) == 2
+    assert len(batches) == 1
 
 
 @pytest.mark.parametrize(

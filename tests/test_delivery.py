@@ -209,7 +209,7 @@ async def test_filters_and_one_group_digest(store: Store) -> None:
         assert await delivery.drain(timeout=5)
     assert [r["execution_id"] for r in failures.got] == ["g_1"]
     [digest] = digests.got
-    assert digest["event_id"] == group_event_id("nightly")
+    assert digest["event_id"] == group_event_id("nightly", digest["batch"])
     assert (digest["total"], digest["outcomes"], digest["failed_ids"]) == (3, {"completed": 2, "failed": 1}, ["g_1"])
 
 

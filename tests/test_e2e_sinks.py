@@ -166,6 +166,25 @@ def test_a_group_digest_arrives_once_across_a_sigkill_and_resume(sim: Sim, tmp_p
     assert_delivered_once(sim, read_jsonl(out), ids)
 
 
+def test_a_group_name_reused_the_next_night_gets_a_second_digest(sim: Sim, tmp_path: Path) -> None:
+    out, state = tmp_path / "out.jsonl", tmp_path / "state.db"
+    with WebhookReceiver() as hook:
+        config = group_config(tmp_path, sim, hook, out)
+        args = ["-", "--config", str(config), "--group", "nightly", "--state", str(state), "--quiet"]
+        nights = [sim.create(3, duration_s=2, outcome="completed") for _ in range(2)]
+        for night, ids in enumerate(nights, start=1):
+            result = watch(args, tmp=tmp_path, ids=ids, name=f"night{night}")
+            assert result.rc == 0, result
+            assert wait_until(lambda: len(hook.accepted()) >= night, 10), hook.snapshot()  # noqa: B023 -- used at once
+        digests = [post.record() for post in hook.accepted()]
+    assert [d["group"] for d in digests] == ["nightly", "nightly"]
+    assert [d["total"] for d in digests] == [3, 3]
+    assert digests[0]["batch"] != digests[1]["batch"]
+    assert digests[0]["event_id"] != digests[1]["event_id"]  # a receiver deduping on it keeps both
+    assert len({post.headers.get("Idempotency-Key") for post in hook.accepted()}) == 2
+    assert_delivered_once(sim, read_jsonl(out), nights[0] + nights[1])
+
+
 def _unknown_type(tmp_path: Path, sim: Sim) -> list[str]:
     config = write_config(tmp_path / "c.toml", sim, [{"type": "no-such-sink-e2e"}])
     return ["--config", str(config)]

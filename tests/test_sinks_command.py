@@ -171,3 +171,51 @@ def test_child_environment_has_no_known_secret() -> None:
     Secret("sk_test_never_to_a_hook")
     env = without_secrets({"EXECMON_API_KEY": "sk_test_never_to_a_hook", "HOME": "/root"})
     assert env == {"HOME": "/root"}
+
+
+DUMP_ENV = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+
+
+async def test_the_child_gets_an_allowlisted_environment_plus_the_names_env_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key inside an unrelated variable (it is no known secret by itself) must not reach the child.
+    monkeypatch.setenv("UNRELATED_SETTINGS", "url=https://x.example?key=sk_live_hidden_in_a_setting")
+    monkeypatch.setenv("HOOK_TOKEN", "named-so-passed")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setenv("TZ", "UTC")
+    out = tmp_path / "env.json"
+    cfg = config([sys.executable, "-c", DUMP_ENV, str(out)], env=["HOOK_TOKEN", "NOT_SET_ANYWHERE"])
+    await CommandSink.from_options(cfg.options, cfg).send(record())
+    env = json.loads(out.read_text())
+    assert "UNRELATED_SETTINGS" not in env
+    assert "sk_live_hidden_in_a_setting" not in json.dumps(env)
+    assert env["HOOK_TOKEN"] == "named-so-passed"
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["LC_TIME"] == "C"
+    assert env["TZ"] == "UTC"
+    assert env["EXECMON_EXECUTION_ID"] == "exec_1"
+    assert env["EXECMON_OUTCOME"] == "failed"
+    allowed = {"PATH", "HOME", "LANG", "TZ", "HOOK_TOKEN"}
+    # What the interpreter itself may add at start-up (e.g. LC_CTYPE coercion) is not inherited.
+    assert {k for k in env if not k.startswith(("EXECMON_", "LC_"))} <= allowed
+
+
+async def test_a_named_variable_holding_execmons_own_key_is_still_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from monitor.secrets import Secret
+
+    Secret("sk_test_the_api_key_itself")
+    monkeypatch.setenv("EXECMON_API_KEY", "sk_test_the_api_key_itself")
+    out = tmp_path / "env.json"
+    cfg = config([sys.executable, "-c", DUMP_ENV, str(out)], env=["EXECMON_API_KEY"])
+    await CommandSink.from_options(cfg.options, cfg).send(record())
+    assert "EXECMON_API_KEY" not in json.loads(out.read_text())
+
+
+def test_env_is_a_list_of_names_or_a_table_of_values() -> None:
+    with pytest.raises(UsageError, match="key 'env': expected a list of environment variable names"):
+        build_sinks([config(["true"], env=["OK", "not a name"])])
+    with pytest.raises(UsageError, match="key 'env': expected a table of text values"):
+        build_sinks([config(["true"], env="HOME")])

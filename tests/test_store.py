@@ -152,11 +152,13 @@ def test_group_digest_once_after_the_last_member(store: Store) -> None:
     last = store.finish("exec_3", Outcome.CANCELLED, rec("exec_3", Outcome.CANCELLED, "nightly"), ["jsonl"])
     digest = last.group_record
     assert digest is not None
-    assert digest["event_id"] == group_event_id("nightly")
+    batch = digest["batch"]
+    assert batch.startswith("b_")
+    assert digest["event_id"] == group_event_id("nightly", batch)
     assert (digest["kind"], digest["group"], digest["total"]) == ("group", "nightly", 3)
     assert digest["outcomes"] == {"cancelled": 1, "completed": 1, "failed": 1}
     assert digest["failed_ids"] == ["exec_2", "exec_3"]
-    assert store.pending_keys("chat")[0][1] == group_event_id("nightly")
+    assert store.pending_keys("chat")[0][1] == group_event_id("nightly", batch)
     assert store.pending_count("chat") == 1
     # Finishing the unrelated ID or repeating a member does not produce a second digest.
     store.finish("exec_3", Outcome.CANCELLED, rec("exec_3", Outcome.CANCELLED, "nightly"), ["jsonl"])
@@ -171,8 +173,10 @@ def test_untracking_the_last_running_member_completes_the_group(store: Store) ->
     assert store.pending_count("chat") == 0
     assert store.untrack("exec_2") is True
     assert store.untrack("exec_2") is False
-    digest = store.get_delivery(group_event_id("g"), "chat")
+    [(_, digest_id, _)] = store.pending_keys("chat")
+    digest = store.get_delivery(digest_id, "chat")
     assert digest is not None
+    assert digest_id == group_event_id("g", digest.record["batch"])
     assert (digest.record["total"], digest.record["failed_ids"]) == (1, [])
 
 
@@ -295,3 +299,68 @@ def test_a_killed_process_loses_nothing_and_releases_the_lock(tmp_path: Path) ->
         assert [(r.execution_id, r.polls) for r in store.load_active()] == [("exec_3", 1), ("exec_4", 0)]
         # Every request sent is remembered; an answer not flushed yet counts as none (the safe side).
         assert store.recent_requests(0.0) == [(121.5, True), (123.0, False)]
+
+
+def test_each_use_of_a_group_name_is_its_own_batch_with_its_own_digest(store: Store) -> None:
+    store.set_group_sinks(["chat"])
+    track(store, "night1_a", "night1_b", group="nightly")  # one call: one batch
+    track(store, "night2_a", group="nightly")  # the same name the next night: a new batch
+    first = store.finish("night1_a", Outcome.COMPLETED, rec("night1_a", group="nightly"), [])
+    assert first.group_record is None  # night1_b still runs
+    second = store.finish("night2_a", Outcome.COMPLETED, rec("night2_a", group="nightly"), [])
+    third = store.finish("night1_b", Outcome.FAILED, rec("night1_b", Outcome.FAILED, "nightly"), [])
+    assert second.group_record is not None
+    assert third.group_record is not None
+    digests = [second.group_record, third.group_record]
+    assert [d["total"] for d in digests] == [1, 2]
+    assert digests[0]["batch"] != digests[1]["batch"]
+    assert digests[0]["event_id"] != digests[1]["event_id"]
+    assert {d["group"] for d in digests} == {"nightly"}
+    assert store.pending_count("chat") == 2
+
+
+def test_a_batch_given_by_the_caller_spans_several_calls(store: Store) -> None:
+    store.set_group_sinks(["chat"])
+    for execution_id in ("c_1", "c_2"):  # e.g. `execmon add` splitting one call into chunks
+        store.track_many([TrackRequest(execution_id, tracked_since=1.0, group="g", batch="b_one")])
+    store.finish("c_1", Outcome.COMPLETED, rec("c_1", group="g"), [])
+    done = store.finish("c_2", Outcome.COMPLETED, rec("c_2", group="g"), [])
+    assert done.group_record is not None
+    assert (done.group_record["batch"], done.group_record["total"]) == ("b_one", 2)
+
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE executions (execution_id TEXT PRIMARY KEY, tracked_since REAL NOT NULL, deadline_at REAL, grp TEXT,
+  labels_json TEXT NOT NULL DEFAULT '{}', schedule_json TEXT, last_status_json TEXT,
+  polls INTEGER NOT NULL DEFAULT 0, terminal_outcome TEXT, terminal_at REAL, record_json TEXT);
+CREATE INDEX executions_by_group ON executions (grp) WHERE grp IS NOT NULL;
+CREATE INDEX executions_by_outcome ON executions (terminal_outcome);
+CREATE TABLE groups (name TEXT PRIMARY KEY, expected_total INTEGER, members INTEGER NOT NULL DEFAULT 0,
+  terminal INTEGER NOT NULL DEFAULT 0, digest_at REAL);
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, sink TEXT NOT NULL,
+  kind TEXT NOT NULL, execution_id TEXT, record_json TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at REAL NOT NULL, state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+  last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, UNIQUE (event_id, sink));
+CREATE INDEX outbox_by_sink_state ON outbox (sink, state, next_attempt_at);
+CREATE TABLE budget (id INTEGER PRIMARY KEY AUTOINCREMENT, stamp REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO executions (execution_id, tracked_since, grp) VALUES ('old_a', 1, 'nightly'), ('old_b', 1, 'nightly');
+INSERT INTO groups (name, members) VALUES ('nightly', 2);
+"""
+
+
+def test_a_schema_1_file_is_migrated_and_its_group_in_progress_still_gets_its_digest(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_V1)
+    conn.close()
+    with Store.open(path) as store:
+        store.set_group_sinks(["chat"])
+        store.finish("old_a", Outcome.COMPLETED, rec("old_a", group="nightly"), [])
+        done = store.finish("old_b", Outcome.COMPLETED, rec("old_b", group="nightly"), [])
+        assert done.group_record is not None
+        assert (done.group_record["batch"], done.group_record["total"]) == ("legacy:nightly", 2)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    conn.close()

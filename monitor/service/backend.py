@@ -21,9 +21,15 @@ class MonitorBackend:
         self._engine = engine
 
     async def track(
-        self, ids: list[str], *, deadline_s: float | None, group: str | None, labels: dict[str, str]
+        self,
+        ids: list[str],
+        *,
+        deadline_s: float | None,
+        group: str | None,
+        labels: dict[str, str],
+        batch: str | None = None,
     ) -> TrackResult:
-        return self._engine.track_valid(ids, deadline_s=deadline_s, group=group, labels=labels)
+        return self._engine.track_valid(ids, deadline_s=deadline_s, group=group, labels=labels, batch=batch)
 
     async def untrack(self, execution_id: str) -> bool:
         return self._engine.untrack(execution_id)

@@ -47,7 +47,13 @@ class ControlBackend(Protocol):
     """
 
     async def track(
-        self, ids: list[str], *, deadline_s: float | None, group: str | None, labels: dict[str, str]
+        self,
+        ids: list[str],
+        *,
+        deadline_s: float | None,
+        group: str | None,
+        labels: dict[str, str],
+        batch: str | None = None,
     ) -> TrackResult: ...
 
     async def untrack(self, execution_id: str) -> bool: ...
@@ -186,10 +192,14 @@ async def _track(request: web.Request) -> web.Response:
     check_query(request.query)
     body = await request.read()  # capped by client_max_size: HTTPRequestEntityTooLarge -> 413
     wanted = parse_track_request(body)
-    result = await backend.track(wanted.ids, deadline_s=wanted.deadline_s, group=wanted.group, labels=wanted.labels)
+    result = await backend.track(
+        wanted.ids, deadline_s=wanted.deadline_s, group=wanted.group, labels=wanted.labels, batch=wanted.batch
+    )
     log.info("executions tracked", added=len(result.added), already_tracked=len(result.already_tracked))
     status = 201 if result.added else 200
-    payload = {"added": list(result.added), "already_tracked": list(result.already_tracked)}
+    payload: dict[str, object] = {"added": list(result.added), "already_tracked": list(result.already_tracked)}
+    if result.batch is not None:
+        payload["batch"] = result.batch
     return web.json_response(payload, status=status)
 
 

@@ -28,7 +28,8 @@ MAX_OFFSET = 1_000_000_000
 SHOWN_ID_CHARS = 130
 STATES = ("pending", "running", "completed", "failed", "cancelled", "not_found", "timed_out")
 STATUS_FILTERS = (*STATES, "terminal", "active")
-TRACK_FIELDS = frozenset({"ids", "deadline_s", "labels", "group"})
+TRACK_FIELDS = frozenset({"ids", "deadline_s", "labels", "group", "batch"})
+_BATCH = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 LIST_PARAMETERS = frozenset({"status", "limit", "offset"})
 _DIGITS = re.compile(r"[0-9]{1,12}")
 
@@ -82,6 +83,7 @@ class TrackRequest:
     deadline_s: float | None = None
     group: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    batch: str | None = None  # continue this batch of `group` (a client splitting one call into chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,17 @@ def _group(payload: Mapping[str, Any]) -> str | None:
     return raw
 
 
+def _batch(payload: Mapping[str, Any]) -> str | None:
+    raw = payload.get("batch")
+    if raw is None:
+        return None
+    if payload.get("group") is None:
+        _bad("'batch' needs a 'group': it names one use of that group")
+    if not isinstance(raw, str) or not _BATCH.fullmatch(raw):
+        _bad("'batch' must be 1 to 100 letters, digits or _.:- or null")
+    return raw
+
+
 def _labels(payload: Mapping[str, Any]) -> dict[str, str]:
     raw = payload.get("labels", {})
     if not isinstance(raw, dict):
@@ -172,7 +185,11 @@ def parse_track_request(body: bytes) -> TrackRequest:
         named = ", ".join(repr(k[:40]) for k in unknown[:5])
         _bad(f"unknown field(s): {named}; allowed are {', '.join(sorted(TRACK_FIELDS))}")
     return TrackRequest(
-        ids=_ids(payload), deadline_s=_deadline(payload), group=_group(payload), labels=_labels(payload)
+        ids=_ids(payload),
+        deadline_s=_deadline(payload),
+        group=_group(payload),
+        labels=_labels(payload),
+        batch=_batch(payload),
     )
 
 

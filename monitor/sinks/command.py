@@ -4,6 +4,11 @@ The program gets EXECMON_EVENT_ID, EXECMON_EVENT_KIND, EXECMON_EXECUTION_ID, EXE
 (and EXECMON_GROUP) in its environment. Exit status 0 means delivered; anything else, or
 running out of time, is retried (the whole process group is killed first). No shell unless the
 configuration says `shell = true`.
+
+The child does not inherit the daemon's environment (a key can hide in any variable): it gets
+PATH, HOME, LANG, LC_*, TZ, the variables `env` names (`env = ["NAME", ...]`) or sets
+(`env = {NAME = "value"}`), and the EXECMON_* record variables. A passed variable that holds
+execmon's own API key or a token is still left out.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -32,6 +39,8 @@ from monitor.sinks.base import (
 
 STDERR_TAIL_BYTES = 2000
 _PIPE_GRACE_S = 1.0  # after exit, how long to wait for a stderr held open by a leftover child
+PASSED_ENV = ("PATH", "HOME", "LANG", "TZ")  # and every LC_*: what a program needs to run and format
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class CommandSink(BaseSink):
@@ -43,6 +52,7 @@ class CommandSink(BaseSink):
         *,
         shell_command: str | None = None,
         env: dict[str, str] | None = None,
+        pass_env: tuple[str, ...] = (),
         concurrency: int = 1,
     ) -> None:
         if (argv is None) == (shell_command is None):
@@ -50,6 +60,7 @@ class CommandSink(BaseSink):
         self._argv = argv
         self._shell_command = shell_command
         self._env = dict(env or {})
+        self._pass_env = frozenset(pass_env)
         self.concurrency = concurrency
         self.program = argv[0] if argv else "sh"
 
@@ -58,18 +69,18 @@ class CommandSink(BaseSink):
         cls.check_keys(options, common)
         raw = options.get("command")
         shell = optional_bool(options, common, "shell", False)
-        env = optional_str_map(options, common, "env")
+        env, pass_env = _env_option(options, common)
         concurrency = optional_int(options, common, "concurrency", 1, 1)
         if shell:
             if not isinstance(raw, str) or not raw.strip():
                 raise common.error("command", "a command line (text) when shell = true", raw)
-            return cls(shell_command=raw, env=env, concurrency=concurrency)
+            return cls(shell_command=raw, env=env, pass_env=pass_env, concurrency=concurrency)
         argv = _argv(raw, common)
         argv[0] = _resolve_program(argv[0], common)
-        return cls(argv, env=env, concurrency=concurrency)
+        return cls(argv, env=env, pass_env=pass_env, concurrency=concurrency)
 
     async def send(self, record: dict[str, Any]) -> None:
-        env = {**without_secrets(os.environ), **self._env, **record_env(record)}
+        env = {**self._inherited(os.environ), **self._env, **record_env(record)}
         try:
             proc = await self._spawn(env)
         except OSError as exc:
@@ -82,6 +93,15 @@ class CommandSink(BaseSink):
         if proc.returncode != 0:
             said = f": {tail}" if tail else ""
             raise DeliveryError(f"{self.program} {_how_it_ended(proc.returncode)}{said}")
+
+    def _inherited(self, parent: Mapping[str, str]) -> dict[str, str]:
+        """The allowlisted part of the daemon's environment, never one holding execmon's own secrets."""
+        allowed = {
+            name: value
+            for name, value in parent.items()
+            if name in PASSED_ENV or name.startswith("LC_") or name in self._pass_env
+        }
+        return without_secrets(allowed)
 
     async def _spawn(self, env: dict[str, str]) -> asyncio.subprocess.Process:
         pipes: dict[str, Any] = {
@@ -106,6 +126,16 @@ def record_env(record: dict[str, Any]) -> dict[str, str]:
         "EXECMON_OUTCOME": str(record.get("outcome") or ""),
         "EXECMON_GROUP": str(record.get("group") or ""),
     }
+
+
+def _env_option(options: Mapping[str, Any], common: SinkConfig) -> tuple[dict[str, str], tuple[str, ...]]:
+    """`env`: a list of variable names passed through from the daemon, or a table of values to set."""
+    raw = options.get("env")
+    if not isinstance(raw, list):
+        return optional_str_map(options, common, "env"), ()
+    if not all(isinstance(name, str) and _ENV_NAME.fullmatch(name) for name in raw):
+        raise common.error("env", "a list of environment variable names (or a table of values)", raw)
+    return {}, tuple(raw)
 
 
 def _argv(raw: object, common: SinkConfig) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from monitor._version import __version__
 from monitor.errors import ExecmonError, StoreFault, UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -35,6 +35,7 @@ CREATE TABLE executions (
     tracked_since REAL NOT NULL,
     deadline_at REAL,
     grp TEXT,
+    batch TEXT,
     labels_json TEXT NOT NULL DEFAULT '{}',
     schedule_json TEXT,
     last_status_json TEXT,
@@ -43,14 +44,15 @@ CREATE TABLE executions (
     terminal_at REAL,
     record_json TEXT
 );
-CREATE INDEX executions_by_group ON executions (grp) WHERE grp IS NOT NULL;
+CREATE INDEX executions_by_batch ON executions (batch) WHERE batch IS NOT NULL;
 CREATE INDEX executions_by_outcome ON executions (terminal_outcome);
-CREATE TABLE groups (
-    name TEXT PRIMARY KEY,
-    expected_total INTEGER,
+CREATE TABLE batches (
+    batch TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
     members INTEGER NOT NULL DEFAULT 0,
     terminal INTEGER NOT NULL DEFAULT 0,
-    digest_at REAL
+    digest_at REAL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -203,6 +205,44 @@ def _fault(path: Path | None, exc: sqlite3.Error | OSError) -> StoreFault:
     return StoreFault(f"{_describe(path)}: {exc}" + (f" ({name})" if name else ""))
 
 
+# From each schema version to the next, applied in order at open, in one transaction with the
+# version bump (`_SCHEMA` above is always the newest, for new files).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: a group digest per batch (each use of a group name), no longer one per name.
+    2: (
+        "ALTER TABLE executions ADD COLUMN batch TEXT",
+        "UPDATE executions SET batch = 'legacy:' || grp WHERE grp IS NOT NULL",
+        "CREATE TABLE batches (batch TEXT PRIMARY KEY, name TEXT NOT NULL, members INTEGER NOT NULL DEFAULT 0,"
+        " terminal INTEGER NOT NULL DEFAULT 0, digest_at REAL, created_at REAL NOT NULL)",
+        "INSERT INTO batches (batch, name, members, terminal, digest_at, created_at)"
+        " SELECT 'legacy:' || name, name, members, terminal, digest_at, 0 FROM groups",
+        "DROP TABLE groups",
+        "DROP INDEX IF EXISTS executions_by_group",
+        "CREATE INDEX executions_by_batch ON executions (batch) WHERE batch IS NOT NULL",
+    ),
+}
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, version: int, *, read_only: bool) -> None:
+    """Bring a file written by an older execmon up to SCHEMA_VERSION (never a read-only opener)."""
+    if read_only:
+        raise StateError(
+            f"state file {path} has schema {version} (an older execmon); start `execmon run` or a watch "
+            "with it once to upgrade it, then try again"
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _check_or_create_schema(conn: sqlite3.Connection, path: Path, *, read_only: bool) -> None:
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not tables:
@@ -221,6 +261,8 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: Path, *, read_only: 
             f"state file {path} was written by a newer execmon (schema {version}; this execmon {__version__} "
             f"reads up to {SCHEMA_VERSION}); upgrade execmon or give another state file"
         )
+    if version < SCHEMA_VERSION:
+        _migrate(conn, path, version, read_only=read_only)
 
 
 def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:

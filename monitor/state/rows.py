@@ -28,6 +28,7 @@ class TrackRequest:
     tracked_since: float
     deadline_at: float | None = None
     group: str | None = None
+    batch: str | None = None  # the use of `group` this execution belongs to (one digest per batch)
     labels: Mapping[str, str] = field(default_factory=dict)
     schedule: Mapping[str, Any] | None = None
 

@@ -23,7 +23,7 @@ from typing import Any, Self
 
 from monitor.errors import StoreFault, UsageError
 from monitor.logs import get_logger
-from monitor.records import Outcome, build_group_record
+from monitor.records import Outcome, build_group_record, new_batch_id
 from monitor.state.db import Connection, FileLock, StateError, connect
 from monitor.state.outbox import OutboxQueries, enqueue
 from monitor.state.rows import (
@@ -117,41 +117,44 @@ class Store(OutboxQueries):
     def track_many(self, rows: Iterable[TrackRequest]) -> list[str]:
         """Start tracking; returns the IDs that were new. A tracked ID is left as it is (schedule kept)."""
         added: list[str] = []
+        call_batches: dict[str, str] = {}  # one call is one use of a group name: one batch
         with self._db.transaction() as conn:
             for row in rows:
+                batch = _batch_of(row, call_batches)
                 cursor = conn.execute(
-                    "INSERT OR IGNORE INTO executions (execution_id, tracked_since, deadline_at, grp,"
-                    " labels_json, schedule_json) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO executions (execution_id, tracked_since, deadline_at, grp, batch,"
+                    " labels_json, schedule_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         row.execution_id,
                         row.tracked_since,
                         row.deadline_at,
                         row.group,
+                        batch,
                         dumps(dict(row.labels)),
                         dumps(dict(row.schedule)) if row.schedule is not None else None,
                     ),
                 )
                 if cursor.rowcount:
                     added.append(row.execution_id)
-                    if row.group is not None:
-                        _join_group(conn, row.group)
+                    if row.group is not None and batch is not None:
+                        _join_batch(conn, batch, row.group, row.tracked_since)
         return added
 
     def untrack(self, execution_id: str) -> bool:
-        """Forget an ID (its pending deliveries stay). A group it leaves may become complete."""
+        """Forget an ID (its pending deliveries stay). A batch it leaves may become complete."""
         with self._db.transaction() as conn:
             row = conn.execute(
-                "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
+                "SELECT batch, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
             ).fetchone()
             if row is not None:
                 conn.execute("DELETE FROM executions WHERE execution_id = ?", (execution_id,))
-                if row["grp"] is not None:
+                if row["batch"] is not None:
                     was_terminal = 1 if row["terminal_outcome"] is not None else 0
                     conn.execute(
-                        "UPDATE groups SET members = members - 1, terminal = terminal - ? WHERE name = ?",
-                        (was_terminal, row["grp"]),
+                        "UPDATE batches SET members = members - 1, terminal = terminal - ? WHERE batch = ?",
+                        (was_terminal, row["batch"]),
                     )
-                    self._maybe_digest(conn, row["grp"])
+                    self._maybe_digest(conn, row["batch"])
         self._polls.pop(execution_id, None)
         return row is not None
 
@@ -273,7 +276,7 @@ class Store(OutboxQueries):
         terminal_at: float,
     ) -> FinishResult:
         row = conn.execute(
-            "SELECT grp, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
+            "SELECT batch, terminal_outcome FROM executions WHERE execution_id = ?", (execution_id,)
         ).fetchone()
         if row is None or row["terminal_outcome"] is not None:
             return FinishResult(newly_terminal=False)
@@ -283,9 +286,9 @@ class Store(OutboxQueries):
         )
         added = enqueue(conn, record, sinks, execution_id=execution_id)
         group_record = None
-        if row["grp"] is not None:
-            conn.execute("UPDATE groups SET terminal = terminal + 1 WHERE name = ?", (row["grp"],))
-            group_record = self._maybe_digest(conn, row["grp"])
+        if row["batch"] is not None:
+            conn.execute("UPDATE batches SET terminal = terminal + 1 WHERE batch = ?", (row["batch"],))
+            group_record = self._maybe_digest(conn, row["batch"])
         return FinishResult(newly_terminal=True, enqueued=added, group_record=group_record)
 
     def undelivered_ids(self) -> set[str]:
@@ -328,21 +331,23 @@ class Store(OutboxQueries):
             found.update(str(r["execution_id"]) for r in rows)
         return found
 
-    # -- groups -------------------------------------------------------------------------------
+    # -- group batches ------------------------------------------------------------------------
 
-    def _maybe_digest(self, conn: sqlite3.Connection, group: str) -> dict[str, Any] | None:
-        """Enqueue the group's digest once every member is terminal (once per group name)."""
-        state = conn.execute("SELECT members, terminal, digest_at FROM groups WHERE name = ?", (group,)).fetchone()
+    def _maybe_digest(self, conn: sqlite3.Connection, batch: str) -> dict[str, Any] | None:
+        """Enqueue the batch's digest once every member is terminal (once per batch)."""
+        state = conn.execute(
+            "SELECT name, members, terminal, digest_at FROM batches WHERE batch = ?", (batch,)
+        ).fetchone()
         if state is None or state["digest_at"] is not None or state["members"] <= 0:
             return None
         if state["terminal"] < state["members"]:
             return None
         members = conn.execute(
-            "SELECT record_json FROM executions WHERE grp = ? AND record_json IS NOT NULL", (group,)
+            "SELECT record_json FROM executions WHERE batch = ? AND record_json IS NOT NULL", (batch,)
         ).fetchall()
-        record = build_group_record(group, (json.loads(m["record_json"]) for m in members))
+        record = build_group_record(state["name"], batch, (json.loads(m["record_json"]) for m in members))
         enqueue(conn, record, self._group_sinks, execution_id=None)
-        conn.execute("UPDATE groups SET digest_at = ? WHERE name = ?", (time.time(), group))
+        conn.execute("UPDATE batches SET digest_at = ? WHERE batch = ?", (time.time(), batch))
         return record
 
     # -- budget history -----------------------------------------------------------------------
@@ -385,14 +390,21 @@ def _chunks(items: Sequence[str], size: int = 500) -> Iterable[list[str]]:
         yield list(items[start : start + size])
 
 
-def _join_group(conn: sqlite3.Connection, group: str) -> None:
-    row = conn.execute(
-        "INSERT INTO groups (name, members) VALUES (?, 1)"
-        " ON CONFLICT (name) DO UPDATE SET members = members + 1 RETURNING digest_at",
-        (group,),
-    ).fetchone()
-    if row is not None and row["digest_at"] is not None:
-        log.warning("group already reported; a new member gets no second digest", group=group)
+def _batch_of(row: TrackRequest, call_batches: dict[str, str]) -> str | None:
+    """The batch a grouped execution joins: the one given, else a new one for this call and group."""
+    if row.group is None:
+        return None
+    if row.batch is not None:
+        return row.batch
+    return call_batches.setdefault(row.group, new_batch_id(row.tracked_since))
+
+
+def _join_batch(conn: sqlite3.Connection, batch: str, group: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO batches (batch, name, members, created_at) VALUES (?, ?, 1, ?)"
+        " ON CONFLICT (batch) DO UPDATE SET members = members + 1",
+        (batch, group, now),
+    )
 
 
 def _filter_sql(status_filter: str | None) -> tuple[str, list[object]]:
