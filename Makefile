@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest bench scale overhead clean
+.PHONY: demo test lint typecheck pytest bench scale overhead retention clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ scale: $(VENV)/.installed
 
 overhead: $(VENV)/.installed
 	$(BIN)/python benchmarks/core_overhead.py
+
+# Bounded state: start-up, GET latency, memory and pruning with 10k vs 1M delivered results (not a test).
+retention: $(VENV)/.installed
+	$(BIN)/python benchmarks/state_retention.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -4,9 +4,10 @@ Per policy, a fresh simulator is served on 127.0.0.1 and a fresh scheduler polls
 real aiohttp client, all on one `VirtualTimeLoop`, so hours of a scenario take seconds. At each
 planned arrival the execution is created in the simulator (unless it is a `not_found` one) and
 handed to the scheduler. Detection delay = loop time its terminal result reached the in-memory
-sink - the simulator's end time. `oracle` is computed, not simulated: a clairvoyant poller that
-asks about each execution once, at the first moment the same budget (one request every T/N,
-never more than N in any T) allows after it ended.
+sink - the simulator's end time. A scenario's `handover` hands an ID over later than its creation
+(at a fraction of its run), and its `kind` goes with it as the label `kind`. `oracle` is computed,
+not simulated: a clairvoyant poller that asks about each execution once, at the first moment the
+same budget (one request every T/N, never more than N in any T) allows after it ended.
 """
 
 from __future__ import annotations
@@ -169,11 +170,14 @@ async def run_policy(
             )
             run_task = asyncio.create_task(scheduler.run())
             start = loop.time()
-            for planned in plan:
-                await _sleep_until(loop, start + planned.arrival_s)
-                if planned.exists:
+            for at, creates, planned in _timeline(plan):
+                await _sleep_until(loop, start + at)
+                if not creates:
+                    scheduler.track(
+                        planned.execution_id, labels=None if planned.kind is None else {"kind": planned.kind}
+                    )
+                elif planned.exists:
                     simulator.add_planned(planned)
-                scheduler.track(planned.execution_id)
             horizon = start + _horizon_s(plan, scenario.rate_limit)
             await _wait_idle_until(loop, scheduler, horizon)
             await scheduler.stop(grace_s=0.0)
@@ -192,6 +196,19 @@ async def run_policy(
         not_found=not_found,
         wall_s=time.perf_counter() - wall_start,
     )
+
+
+def _timeline(plan: Sequence[PlannedExecution]) -> list[tuple[float, bool, PlannedExecution]]:
+    """(seconds from the start, True: create it / False: hand it to the monitor, execution), in time order.
+
+    Ties keep the plan's order, creation first: without handovers, exactly the plan's sequence.
+    """
+    events = []
+    for index, planned in enumerate(plan):
+        events.append((planned.arrival_s, 2 * index, True, planned))
+        events.append((planned.arrival_s + planned.handover_s, 2 * index + 1, False, planned))
+    events.sort(key=lambda event: (event[0], event[1]))
+    return [(at, creates, planned) for at, _, creates, planned in events]
 
 
 def _delays(

@@ -86,6 +86,7 @@ class PollingConfig:
 class StateConfig:
     path: str = "execmon.db"
     fault_grace_s: float = 300.0  # how long a failing store (disk full, I/O, busy) may pause work
+    retention: float = 7 * 86400.0  # seconds an ended, delivered execution is kept before it is pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,9 @@ class SinkConfig:
     source: str  # the file (or "command line") it came from
     on: tuple[Outcome, ...] = tuple(Outcome)
     events: tuple[SinkEvents, ...] = (SinkEvents.EXECUTION,)
-    max_attempts: int = 10
+    max_attempts: int | None = None  # an optional cap on attempts; None: until max_age
+    max_age: float = 86400.0  # seconds after entering the outbox before a failing result is dead
+    pause_after_failures: int = 5  # consecutive failed attempts that pause the whole sink (0: never)
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     timeout_s: float = 10.0

@@ -26,6 +26,7 @@ ENV_KEYS = {
     "polling.policy": "EXECMON_POLICY",
     "state.path": "EXECMON_STATE",
     "state.fault_grace_s": "EXECMON_STATE_FAULT_GRACE_S",
+    "state.retention": "EXECMON_STATE_RETENTION",
     "logging.level": "EXECMON_LOG_LEVEL",
     "control.listen": "EXECMON_CONTROL_LISTEN",
 }
@@ -175,7 +176,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "not_found_min_span_s": _seconds(),
         "deadline_s": _seconds(),
     },
-    "state": {"path": _text, "fault_grace_s": _seconds(positive=True)},
+    "state": {"path": _text, "fault_grace_s": _seconds(positive=True), "retention": _seconds(positive=True)},
     "control": {
         "listen": _listen,
         "token_env": _text,
@@ -189,7 +190,9 @@ SINK_KEYS: dict[str, Parser] = {
     "type": _text,
     "on": _outcomes,
     "events": _events,
-    "max_attempts": _integer(1),
+    "max_attempts": _integer(1),  # optional extra cap; max_age is the horizon
+    "max_age": _seconds(positive=True),
+    "pause_after_failures": _integer(0),
     "backoff_base_s": _seconds(positive=True),
     "backoff_cap_s": _seconds(positive=True),
     "timeout_s": _seconds(positive=True),

@@ -20,6 +20,7 @@ from monitor.errors import UsageError
 from monitor.ids import ALLOWED_DESCRIPTION, ids_from_arguments, is_valid_execution_id
 from monitor.records import new_batch_id
 from monitor.secrets import Secret
+from monitor.service.control_token import read_token_file, token_path
 from monitor.service.validation import MAX_IDS, MAX_LIMIT
 
 DEFAULT_TIMEOUT_S = 60.0  # a POST of 10,000 IDs writes them all to SQLite before answering
@@ -42,6 +43,7 @@ class ControlTarget:
     port: int
     token: Secret | None
     token_env: str
+    token_file: str = ""  # where a daemon with no configured token keeps the one it generated
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +80,12 @@ def read_ids(args: Iterable[str], stdin: TextIO) -> list[str]:
 
 
 def target_from_config(config_path: str | None, env: Mapping[str, str] = os.environ) -> ControlTarget:
-    """Control address and token from `--config`, `EXECMON_CONFIG` or `./execmon.toml` (else defaults)."""
+    """Control address and token from `--config`, `EXECMON_CONFIG` or `./execmon.toml` (else defaults).
+
+    The token is the configured one, else the one the daemon generated beside its state file."""
     config = load_config(find_config_path(config_path, env=env), env=env)
+    configured = config.control_token()
+    generated = token_path(config)
     host, port = config.control.listen
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached through loopback
         host = "127.0.0.1" if host != "::" else "::1"
@@ -88,8 +94,9 @@ def target_from_config(config_path: str | None, env: Mapping[str, str] = os.envi
         base_url=f"http://{shown}:{port}",
         host=host,
         port=port,
-        token=config.control_token(),
+        token=configured if configured is not None else read_token_file(generated),
         token_env=config.control.token_env,
+        token_file=str(generated),
     )
 
 
@@ -159,6 +166,12 @@ class ControlClient:
     def remove(self, execution_id: str) -> None:
         self._request("DELETE", f"/v1/executions/{execution_id}")
 
+    def retry_dead_letters(self, sink: str | None = None, event_id: str | None = None) -> int:
+        """Queue dead letters again in the daemon (all, one sink's or one event's): how many."""
+        body = {k: v for k, v in (("sink", sink), ("event_id", event_id)) if v is not None}
+        answer = self._request("POST", "/v1/dead-letters/retry", body)
+        return int(answer.get("retried", 0)) if isinstance(answer, dict) else 0
+
     # --- plumbing ------------------------------------------------------------------------------
 
     def _unreachable(self) -> ControlError:
@@ -194,6 +207,14 @@ class ControlClient:
                 raise ControlError(f"the execmon daemon at {self.target.base_url} did not answer in time") from None
         raise AssertionError("unreachable")
 
+    def _token_problem(self) -> str:
+        if self.target.token is None:
+            return (
+                f"no control token: set {self.target.token_env}, or start the daemon with this config "
+                f"(it keeps its token in {self.target.token_file})"
+            )
+        return f"the control token was rejected: set {self.target.token_env}"
+
     def _decode(self, status: int, raw: bytes) -> Any:
         try:
             payload = json.loads(raw) if raw else None
@@ -202,7 +223,7 @@ class ControlClient:
         if 200 <= status < 300 and payload is not None:
             return payload
         if status == 401:
-            raise ControlError(f"the control token was rejected: set {self.target.token_env}")
+            raise ControlError(self._token_problem())
         error = payload.get("error") if isinstance(payload, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         if not isinstance(message, str):

@@ -59,6 +59,8 @@ log = get_logger(__name__)
 
 _METRICS_EVERY_S = 5.0
 _FLUSH_EVERY_S = 1.0  # poll bookkeeping is written in batches; a kill loses at most this much (one extra poll)
+_PRUNE_EVERY_S = 60.0  # retention is counted in days: a pass a minute keeps the state file bounded
+_PRUNE_BATCH = 500  # rows per transaction: a batch holds the loop for milliseconds, not seconds
 _OUTCOMES = tuple(o.value for o in Outcome)
 _KEYWORD_KEYS = {"base_url": "api.base_url", "rate_limit": "api.rate_limit", "policy": "polling.policy"}
 
@@ -150,6 +152,7 @@ class Monitor:
             )
             await delivery.start()
             self._parts = parts = _Parts(clock, store, gate, delivery)
+            self._note_sinks(parts)
             parts.client = client = self._new_client(self.config)
             parts.budget = budget = self._new_budget(self.config, parts)
             parts.scheduler = self._new_scheduler(self.config, clock, client, budget)
@@ -158,6 +161,7 @@ class Monitor:
             spawn(parts.scheduler.run(), "execmon-scheduler", forever=True)
             spawn(gate.run(), "execmon-store-gate", forever=True)
             spawn(self._flush_polls(), "execmon-poll-bookkeeping", forever=True)
+            spawn(self._prune_state(), "execmon-retention", forever=True)
             spawn(self._refresh_metrics(), "execmon-metrics", forever=True)
         except BaseException:
             await self._close_parts(store)
@@ -286,6 +290,20 @@ class Monitor:
             except StoreFault as exc:
                 parts.gate.report(exc)
 
+    async def _prune_state(self) -> None:
+        """What ended more than `state.retention` ago and is delivered is forgotten, a batch at a
+        time, the loop free to run polls and requests between batches."""
+        parts = self._require_parts()
+        while True:
+            await asyncio.sleep(_PRUNE_EVERY_S)
+            deleted = -1
+            try:
+                while deleted != 0:
+                    deleted = parts.store.prune(parts.clock.wall(), self.config.state.retention, batch=_PRUNE_BATCH)
+                    await asyncio.sleep(0)  # polls and control requests run between two batches
+            except StoreFault as exc:
+                parts.gate.report(exc)
+
     async def _refresh_metrics(self) -> None:
         """Gauges that are cheaper to sample than to keep exact on every change."""
         parts = self._require_parts()
@@ -362,6 +380,14 @@ class Monitor:
             self._wake_waiters()  # a `results()` waiting for it raises NotTrackedError
         return removed
 
+    def retry_dead_letters(self, sink: str | None = None, event_id: str | None = None) -> int:
+        """Send dead letters again (all, one sink's or one event's); returns how many were queued.
+        Raises StoreFault when the state store cannot be written (nothing changed then)."""
+        count = self._require_running().delivery.retry_dead_letters(sink, event_id)
+        if count:
+            log.info("dead letters queued again", count=count, sink=sink, event_id=event_id)
+        return count
+
     async def results(self, ids: Iterable[str]) -> AsyncGenerator[Result, None]:
         """Each execution's Result as it ends (those ended already first), then stop.
 
@@ -423,13 +449,14 @@ class Monitor:
 
     async def reload(self, config: Config) -> None:
         """Apply a new config (key, base URL, rate limit, sinks) without losing state; polling settings
-        need a restart. Everything that can fail is built before anything is swapped."""
+        need a restart. The new client and sinks are built and opened first: if any of it fails
+        (UsageError for a sink that cannot start), what was built is closed again and the old
+        config, client, rate and sinks stay as they were. Only then is everything swapped."""
         parts = self._require_running()
-        sinks = build_sinks(config.sinks) if config.sinks != self.config.sinks else None
-        client = self._new_client(config)
-        old_client = parts.client
+        client, sinks = await self._build_for_reload(config, parts)
+        # Nothing below can fail: the reload is all or nothing.
+        old_client, parts.client = parts.client, client
         self.config = config
-        parts.client = client
         budget = parts.require_budget()
         if config.api.rate_limit != budget.rate:
             budget.set_rate(config.api.rate_limit)
@@ -438,11 +465,49 @@ class Monitor:
         if was_rejected:
             self._publish(KeyRestored())
         if sinks is not None:
-            await parts.delivery.replace_sinks(sinks)
+            await parts.delivery.swap_sinks(sinks)
             self._sinks = sinks
+            self._note_sinks(parts)
         if old_client is not None:
             await old_client.close()
         log.info("configuration reloaded", source=config.source)
+
+    async def _build_for_reload(
+        self, config: Config, parts: _Parts
+    ) -> tuple[ExecutionsClient, list[SinkHandle] | None]:
+        """The new client, and the new sinks opened (None: unchanged); on failure, nothing is left open."""
+        client = self._new_client(config)
+        try:
+            sinks = build_sinks(config.sinks) if config.sinks != self.config.sinks else None
+            if sinks is not None:
+                await parts.delivery.open_sinks(sinks)
+        except BaseException:
+            await client.close()
+            raise
+        return client, sinks
+
+    def orphaned_outbox(self) -> dict[str, int]:
+        """Results pending for a sink name that is not configured (an earlier config's), per name."""
+        return self.store.orphaned_counts([h.name for h in self.delivery.sinks])
+
+    def _note_sinks(self, parts: _Parts) -> None:
+        """Note the sinks in the state file and warn, once per name, about results waiting for a sink
+        that is no longer configured: no lane delivers them, so they would otherwise wait unseen."""
+        names = [h.name for h in parts.delivery.sinks]
+        try:
+            parts.store.set_configured_sinks(names)
+            orphans = parts.store.orphaned_counts(names)
+        except StoreFault as exc:
+            parts.gate.report(exc)
+            return
+        self.metrics.set_orphaned_outbox(sum(orphans.values()))
+        for sink, count in orphans.items():
+            log.warning(
+                "results wait for a sink that is not configured",
+                sink=sink,
+                pending=count,
+                hint=f"configure a sink named {sink!r} again to deliver them; `execmon dead-letters` lists them",
+            )
 
     # -- the parts, for the front ends (live view, control API) --------------------------------
 

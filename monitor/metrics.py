@@ -70,8 +70,17 @@ class Metrics:
         self._outbox_depth = Gauge(
             "outbox_depth", "Results waiting in the outbox for delivery.", namespace=ns, registry=reg
         )
+        self._lane_depth = 0  # what the sinks' lanes hold ...
+        self._orphaned = 0  # ... plus what waits for a sink that is not configured (no lane counts it)
         self._dead_letters = Gauge(
             "dead_letters", "Results that no sink could take after every retry.", namespace=ns, registry=reg
+        )
+        self._circuit_open = Gauge(
+            "sink_circuit_open",
+            "1 while a sink is paused after failing again and again (one probe at a time), else 0.",
+            ["sink"],
+            namespace=ns,
+            registry=reg,
         )
         self._loop_lag = Gauge(
             "event_loop_lag_seconds",
@@ -120,10 +129,19 @@ class Metrics:
         self._deliveries.labels(sink=sink, result=result).inc()
 
     def set_outbox_depth(self, n: int) -> None:
-        self._outbox_depth.set(n)
+        self._lane_depth = n
+        self._outbox_depth.set(n + self._orphaned)
+
+    def set_orphaned_outbox(self, n: int) -> None:
+        """Rows pending for sinks no longer configured: part of outbox_depth, which alerts should see."""
+        self._orphaned = n
+        self._outbox_depth.set(self._lane_depth + n)
 
     def set_dead_letters(self, n: int) -> None:
         self._dead_letters.set(n)
+
+    def set_circuit_open(self, sink: str, is_open: bool) -> None:
+        self._circuit_open.labels(sink=sink).set(1 if is_open else 0)
 
     def set_loop_lag(self, seconds: float) -> None:
         self._loop_lag.set(max(0.0, seconds))

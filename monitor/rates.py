@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +61,8 @@ def format_rate_limit(rate: RateLimit | None) -> str:
 
 
 def parse_duration(text: str) -> float:
-    """Parse a duration such as "90", "90s", "15m", "2h" or "1.5h" into seconds."""
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", text)
+    """Parse a duration such as "90", "90s", "15m", "2h", "1.5h" or "7d" into seconds."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", text)
     if not match:
-        raise ValueError(f"duration {text!r} is not a number with an optional unit (ms, s, m, h), e.g. '15m'")
+        raise ValueError(f"duration {text!r} is not a number with an optional unit (ms, s, m, h, d), e.g. '15m'")
     return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]

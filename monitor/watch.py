@@ -119,11 +119,15 @@ class Watch:
             raise MonitorFailed(f"{monitor.failure}; run the same command again to resume") from None
         if monitor.key_rejected is not None:
             key_source = monitor.config.api.api_key_file or monitor.config.api.api_key_env
-            raise KeyRejectedError(f"the API key was rejected (401 unauthorized): put a valid key in {key_source}")
+            raise KeyRejectedError(f"{monitor.key_rejected}: put a valid key in {key_source}")  # 401 or 403
 
     def _store_says_done(self) -> bool:
+        # Only rows of the configured sinks count: no lane delivers an orphan (a sink name of an
+        # earlier run), so waiting for one would never end. Those are reported by `_finish`.
         store = self.monitor.store
-        return len(store.results(self.ids)) == len(self.ids) and store.pending_count() == 0
+        if len(store.results(self.ids)) != len(self.ids):
+            return False
+        return all(store.pending_count(sink.name) == 0 for sink in self.monitor.delivery.sinks)
 
     def _slowest_eta_s(self) -> float | None:
         """Seconds until the latest predicted finish among the running executions, if any is known."""
@@ -138,6 +142,7 @@ class Watch:
         return max(0.0, max(etas) - now) if etas else None
 
     def _finish(self, outcomes: dict[str, Outcome]) -> int:
+        self._report_orphans()
         dead = self.monitor.store.dead_letters()
         counts = Counter(o.value for o in outcomes.values())
         if self.options.live:
@@ -158,6 +163,16 @@ class Watch:
         if all(o is Outcome.COMPLETED for o in outcomes.values()) and not self.options.rejected:
             return EXIT_OK
         return EXIT_NOT_ALL_COMPLETED
+
+    def _report_orphans(self) -> None:
+        """Results left pending for a sink this watch does not have (they stay in the state file)."""
+        for sink, count in self.monitor.orphaned_outbox().items():
+            log.warning(
+                "results left waiting for a sink this watch does not have",
+                sink=sink,
+                pending=count,
+                hint=f"run with a sink named {sink!r} (a [[sinks]] table's `name`) to deliver them",
+            )
 
     def _dead_letter_hint(self) -> str:
         path = self.options.state_path

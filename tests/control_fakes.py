@@ -27,6 +27,8 @@ class MemoryBackend:
         self.track_calls: list[list[str]] = []
         self.track_options: list[dict[str, Any]] = []
         self.health_state: tuple[bool, str | None] = (True, None)
+        self.dead_letters = 0  # what retry_dead_letters answers
+        self.retry_calls: list[tuple[str | None, str | None]] = []
         self._lock = threading.Lock()
 
     def snapshot(self) -> set[str]:
@@ -105,6 +107,11 @@ class MemoryBackend:
 
     def health(self) -> tuple[bool, str | None]:
         return self.health_state
+
+    async def retry_dead_letters(self, *, sink: str | None, event_id: str | None) -> int:
+        with self._lock:
+            self.retry_calls.append((sink, event_id))
+        return self.dead_letters
 
 
 @contextmanager

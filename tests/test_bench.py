@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from monitor import bench, vtime
 from monitor.cli import main
 from monitor.rates import RateLimit
-from monitor.simulator.scenario import PlannedExecution, ProgressModel, load_scenario
+from monitor.schedule.scheduler import Scheduler
+from monitor.simulator.scenario import PlannedExecution, PlannedOutcome, ProgressModel, load_scenario
+from monitor.simulator.server import Simulator
 
 SMALL = """
 name = "small"
@@ -30,6 +34,29 @@ arrival = { from_s = 0, to_s = 200 }
 duration = { dist = "fixed", s = 150 }
 progress = { model = "none" }
 not_found = 0.5
+"""
+
+# Every optional model at once, beside a plain group.
+BEYOND_LINEAR = """
+name = "beyond"
+seed = 5
+rate_limit = "30/60s"
+
+[[groups]]
+count = 16
+kind = "batch"
+arrival = { from_s = 0, to_s = 60 }
+queue = { dist = "fixed", s = 30 }
+handover = { from = 0.2, to = 0.8 }
+duration = { dist = "uniform", min_s = 300, max_s = 900 }
+outcomes = { completed = 0.7, failed = 0.3 }
+progress = { model = "curve", shape = 0.6, noise = 1.0 }
+stall = { fraction = 0.4, for_s = { dist = "fixed", s = 120 }, then = "fail" }
+
+[[groups]]
+count = 4
+arrival = { from_s = 0, to_s = 60 }
+duration = { dist = "fixed", s = 200 }
 """
 
 KEYS = {
@@ -128,3 +155,50 @@ def test_cli_one_policy_only(small: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_cli_bad_scenario_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--scenario", str(tmp_path / "nope.toml")]) == 2
     assert "cannot read scenario file" in capsys.readouterr().err
+
+
+def test_cli_seed_replaces_the_file_seed(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(path: Path, *extra: str) -> Any:
+        assert main(["bench", "--scenario", str(path), "--policy", "backoff", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    reseeded = tmp_path / "small-9.toml"
+    reseeded.write_text(SMALL.replace("seed = 4", "seed = 9"), encoding="utf-8")
+    with_flag = run(small, "--seed", "9")
+    assert with_flag == run(reseeded)
+    assert with_flag != run(small)
+
+
+def test_bench_hands_ids_over_at_their_fraction_with_their_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "beyond.toml"
+    path.write_text(BEYOND_LINEAR, encoding="utf-8")
+    scenario = load_scenario(path)
+    created: dict[str, float] = {}
+    tracked: dict[str, tuple[float, Any]] = {}
+    add_planned, track = Simulator.add_planned, Scheduler.track
+
+    def creating(self: Simulator, planned: PlannedExecution) -> None:
+        created[planned.execution_id] = self.now()
+        add_planned(self, planned)
+
+    def tracking(self: Scheduler, execution_id: str, **kwargs: Any) -> bool:
+        tracked[execution_id] = (asyncio.get_running_loop().time(), kwargs.get("labels"))
+        return track(self, execution_id, **kwargs)
+
+    monkeypatch.setattr(Simulator, "add_planned", creating)
+    monkeypatch.setattr(Scheduler, "track", tracking)
+    result = bench.bench_policy(scenario, "adaptive")
+    assert (result.undetected, result.http_429) == (0, 0)
+    assert result.max_requests_in_window <= 30
+    plan = scenario.plan()
+    assert any(p.stall is not None and p.outcome == PlannedOutcome.FAILED for p in plan)
+    for p in plan:
+        at, labels = tracked[p.execution_id]
+        assert at - created[p.execution_id] == pytest.approx(p.handover_s, abs=1e-3)
+        if p.kind is None:
+            assert (labels, p.handover_s) == (None, 0.0)  # at creation, as before
+        else:
+            assert labels == {"kind": "batch"}
+            assert 0.2 <= (p.handover_s - p.queue_s) / (p.end_s - p.queue_s) <= 0.8  # of its run

@@ -29,7 +29,10 @@ class Daemonish:
 
 
 def write_config(path: Path, port: int) -> Path:
-    path.write_text(f'[control]\nlisten = "127.0.0.1:{port}"\ntoken_env = "EXECMON_CONTROL_TOKEN"\n')
+    state = path.parent / "execmon.db"  # its generated control token would be execmon.db.token beside it
+    path.write_text(
+        f'[state]\npath = "{state}"\n[control]\nlisten = "127.0.0.1:{port}"\ntoken_env = "EXECMON_CONTROL_TOKEN"\n'
+    )
     return path
 
 
@@ -220,8 +223,25 @@ def test_wrong_or_missing_token_is_one_line_exit_2(
     assert (code, err) == (2, "execmon ls: the control token was rejected: set EXECMON_CONTROL_TOKEN\n")
     monkeypatch.delenv("EXECMON_CONTROL_TOKEN")
     code, _, err = execmon(capsys, "add", "exec_1")
-    assert (code, err) == (2, "execmon add: the control token was rejected: set EXECMON_CONTROL_TOKEN\n")
+    generated = daemon.config.parent / "execmon.db.token"
+    assert (code, err) == (
+        2,
+        "execmon add: no control token: set EXECMON_CONTROL_TOKEN, or start the daemon with this config "
+        f"(it keeps its token in {generated})\n",
+    )
     assert daemon.backend.snapshot() == set()
+
+
+def test_the_generated_token_is_found_through_the_config(
+    daemon: Daemonish, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("EXECMON_CONTROL_TOKEN")
+    (daemon.config.parent / "execmon.db.token").write_text(TOKEN + "\n")  # as the daemon leaves it
+    assert execmon(capsys, "add", "exec_1") == (0, "1 added, 0 already tracked\n", "")
+    monkeypatch.delenv("EXECMON_CONFIG")
+    monkeypatch.chdir(daemon.config.parent)  # ./execmon.toml -> [state] path -> execmon.db.token
+    assert execmon(capsys, "ls", "--json")[0] == 0
+    assert daemon.backend.snapshot() == {"exec_1"}
 
 
 def test_config_is_found_in_the_current_directory(

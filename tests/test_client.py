@@ -18,6 +18,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from monitor import KeyRejectedError, Monitor
 from monitor.api.client import ExecutionsClient, check_base_url, parse_retry_after
 from monitor.api.errors import (
     ApiError,
@@ -165,6 +166,8 @@ def _script(api: Api) -> dict[str, Handler]:
         "exec_extra": _json({**RUNNING, "execution_id": "exec_extra", "eta_s": 12, "nested": {"a": [1]}}),
         "exec_minimal": _json({"status": "running"}),
         "exec_401": _error("unauthorized", 401),
+        "exec_403": _error("forbidden", 403),
+        "exec_403_too": _error("forbidden", 403),
         "exec_404": _error("not_found", 404),
         "exec_429_delta": _error("rate_limited", 429, {"Retry-After": "7"}),
         "exec_429_date": _date_429(12),
@@ -305,8 +308,33 @@ async def test_body_exactly_at_the_cap_is_accepted(client: ExecutionsClient) -> 
 
 
 async def test_401_is_key_rejected(client: ExecutionsClient) -> None:
-    with pytest.raises(KeyRejected):
+    with pytest.raises(KeyRejected) as info:
         await client.get_status("exec_401")
+    assert (info.value.status, str(info.value)) == (401, "the API key was rejected: 401 unauthorized")
+
+
+async def test_403_is_key_rejected_with_its_own_message(client: ExecutionsClient) -> None:
+    with pytest.raises(KeyRejected) as info:
+        await client.get_status("exec_403")
+    assert (info.value.status, str(info.value)) == (403, "the API key was rejected: forbidden (403)")
+    assert KEY not in str(info.value)
+
+
+async def test_a_403_stops_a_monitor_like_a_401(api: Api) -> None:
+    """Stop spending at once, report unhealthy with the reason, raise to the caller; never retry."""
+    ids = ["exec_403", "exec_403_too", "exec_running"]
+    async with Monitor(base_url=api.url, api_key=KEY, rate_limit="30/60s") as mon:
+        await mon.track(ids)
+        with pytest.raises(KeyRejectedError, match=r"forbidden \(403\)"):
+            await mon.wait(ids, timeout=10)
+        ok, reason = mon.health()
+        assert not ok
+        assert reason is not None
+        assert "forbidden (403)" in reason
+        asked = len(api.paths)
+        await asyncio.sleep(1.5)  # a retried 403 would be asked again within this
+        assert len(api.paths) == asked, api.paths
+    assert 1 <= sum("/exec_403" in path for path in api.paths) <= 2, api.paths
 
 
 async def test_404_is_not_found_with_the_id(client: ExecutionsClient) -> None:

@@ -68,7 +68,8 @@ def test_the_example_loads_and_documents_every_default() -> None:
     assert (sink.type, sink.index, sink.options) == ("stdout", 1, {})
     assert sink.on == tuple(Outcome)
     assert sink.events == (SinkEvents.EXECUTION,)
-    assert (sink.max_attempts, sink.backoff_base_s, sink.backoff_cap_s) == (10, 1.0, 300.0)
+    assert (sink.max_age, sink.pause_after_failures, sink.max_attempts) == (86400.0, 5, None)
+    assert (sink.backoff_base_s, sink.backoff_cap_s) == (1.0, 300.0)
     assert (sink.timeout_s, sink.queue_size) == (10.0, 1000)
 
 
@@ -79,7 +80,7 @@ def test_the_example_mentions_every_key_and_holds_no_secret() -> None:
         for key in keys:
             assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), f"{section}.{key} is not documented"
     for key in SINK_KEYS:
-        assert re.search(rf"^{key} = ", text, re.MULTILINE), f"sinks.{key} is not documented"
+        assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), f"sinks.{key} is not documented"
     assert not re.search(r"sk_(live|test)_", text)
     assert "current directory" in text  # how relative paths resolve is said
 
@@ -106,6 +107,7 @@ def test_every_environment_variable_sets_its_key() -> None:
         "EXECMON_POLICY": "backoff",
         "EXECMON_STATE": "/tmp/x.db",
         "EXECMON_STATE_FAULT_GRACE_S": "90s",
+        "EXECMON_STATE_RETENTION": "2d",
         "EXECMON_LOG_LEVEL": "DEBUG",
         "EXECMON_CONTROL_LISTEN": "[::1]:0",
     }
@@ -116,6 +118,7 @@ def test_every_environment_variable_sets_its_key() -> None:
     assert config.polling.policy is PolicyName.BACKOFF
     assert config.state.path == "/tmp/x.db"
     assert config.state.fault_grace_s == 90.0
+    assert config.state.retention == 2 * 86400.0
     assert config.logging.level == "debug"
     assert config.control.listen == ("::1", 0)
 
@@ -320,6 +323,8 @@ secret_env = "EXECMON_WEBHOOK_SECRET"
 on = ["failed", "cancelled", "failed"]
 events = ["execution", "group"]
 max_attempts = 3
+max_age = "90m"
+pause_after_failures = 0
 timeout_s = "30s"
 headers = { X-Team = "ml" }
 """
@@ -339,6 +344,7 @@ def test_sinks_keep_common_keys_typed_and_the_rest_as_options(tmp_path: Path) ->
     assert webhook.on == (Outcome.FAILED, Outcome.CANCELLED)
     assert webhook.events == (SinkEvents.EXECUTION, SinkEvents.GROUP)
     assert (webhook.max_attempts, webhook.timeout_s, webhook.queue_size) == (3, 30.0, 1000)
+    assert (webhook.max_age, webhook.pause_after_failures) == (5400.0, 0)
     assert webhook.options == {
         "url": "https://hooks.example.com/execmon",
         "secret_env": "EXECMON_WEBHOOK_SECRET",
@@ -361,6 +367,9 @@ def test_sinks_keep_common_keys_typed_and_the_rest_as_options(tmp_path: Path) ->
             "[[sinks]] #1 key 'events': expected a list of 'execution', 'group'",
         ),
         ('type = "jsonl"\nmax_attempts = 0', "[[sinks]] #1 key 'max_attempts': expected an integer >= 1"),
+        ('type = "jsonl"\nmax_age = "soon"', "[[sinks]] #1 key 'max_age': expected a number of seconds > 0"),
+        ('type = "jsonl"\nmax_age = 0', "[[sinks]] #1 key 'max_age': expected a number of seconds > 0"),
+        ('type = "jsonl"\npause_after_failures = -1', "[[sinks]] #1 key 'pause_after_failures': expected an integer"),
         (
             'type = "jsonl"\nbackoff_base_s = 5\nbackoff_cap_s = 1',
             "[[sinks]] #1 key 'backoff_cap_s': expected",

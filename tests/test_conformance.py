@@ -161,7 +161,9 @@ def test_answers_have_the_page_shapes(sim_url: str) -> None:
         pairs.append((json.loads(json_after(text, heading)), body))
     for example, answer in pairs:
         assert answer["status"] == example["status"]
-        assert set(answer) == set(example)
+        # The contract adds metadata.execution_time to every terminal answer (a field of the page's table).
+        added = {"metadata"} if answer["status"] == "failed" else set()
+        assert set(answer) - added == set(example)
         for key, value in example.items():
             assert type(answer[key]) is type(value), key
             if isinstance(value, dict):

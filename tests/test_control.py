@@ -92,10 +92,128 @@ async def test_bearer_scheme_is_case_insensitive(api: Api) -> None:
     assert status == 200
 
 
-async def test_no_token_configured_means_open_api(api: Api) -> None:
-    api.state.token = None
-    status, _, _ = await api.call("GET", "/v1/executions", auth=False)
+async def test_a_state_without_a_token_refuses_everything_but_healthz(api: Api) -> None:
+    api.state.token = None  # never open: the daemon always sets one (generated when none is configured)
+    for auth in (False, True):
+        status, body, _ = await api.call("GET", "/v1/executions", auth=auth)
+        assert (status, body["error"]["code"]) == (401, "unauthorized")
+    status, _, _ = await api.call("POST", "/v1/executions", auth=False, json={"ids": ["exec_1"]})
+    assert status == 401
+    assert api.backend.snapshot() == set()
+    assert (await api.call("GET", "/healthz", auth=False))[0] == 200
+
+
+# --- browsers: Host (DNS rebinding), Origin (cross-origin requests), Content-Type --------------
+
+
+def port_of(api: Api) -> int:
+    port = URL(api.url).port
+    assert port is not None
+    return port
+
+
+@pytest.mark.parametrize("path", ["/v1/executions", "/metrics", "/healthz", "/openapi.json"])
+async def test_a_host_that_is_not_this_listener_is_421(api: Api, path: str) -> None:
+    port = port_of(api)
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", f"a@127.0.0.1:{port}"):
+        status, body, _ = await api.call("GET", path, headers={"Host": host})
+        assert (status, body["error"]["code"]) == (421, "misdirected_request"), host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LocalHost:{port}", "127.9.9.9:{port}"])
+async def test_the_listen_address_and_loopback_names_are_accepted(api: Api, host: str) -> None:
+    status, _, _ = await api.call("GET", "/v1/executions", headers={"Host": host.format(port=port_of(api))})
     assert status == 200
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_an_ipv6_loopback_listener(api: Api) -> None:
+    server = ControlServer(create_control_app(api.state, listen_host="::1"), "::1", 0)
+    await server.start()
+    try:
+        port = server.port
+        for host, want in ((f"[::1]:{port}", 200), (f"localhost:{port}", 200), (f"[::2]:{port}", 421)):
+            async with api.session.get(server.url + "/v1/executions", headers={**AUTH, "Host": host}) as response:
+                assert response.status == want, host
+    finally:
+        await server.stop()
+
+
+async def test_the_configured_listen_name_is_accepted(api: Api) -> None:
+    app = create_control_app(api.state, listen_host="execmon.internal")
+    server = ControlServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        for host, want in (("execmon.internal", 200), ("other.internal", 421)):
+            headers = {**AUTH, "Host": f"{host}:{server.port}"}
+            async with api.session.get(server.url + "/v1/executions", headers=headers) as response:
+                assert response.status == want, host
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://evil.example", "http://evil.example:{port}", "null", "https://127.0.0.1:{port}",
+               "http://127.0.0.1:{other}", "file://", "http://127.0.0.1:{port}/path"],
+)  # fmt: skip
+async def test_a_foreign_origin_is_403_and_tracks_nothing(api: Api, origin: str) -> None:
+    port = port_of(api)
+    headers = {"Origin": origin.format(port=port, other=port + 1)}
+    status, body, _ = await api.call("POST", "/v1/executions", json={"ids": ["exec_1"]}, headers=headers)
+    assert (status, body["error"]["code"]) == (403, "forbidden_origin")
+    status, _, _ = await api.call("GET", "/v1/executions", headers=headers)
+    assert status == 403
+    assert api.backend.snapshot() == set()
+
+
+async def test_the_servers_own_origin_is_accepted(api: Api) -> None:
+    for origin in (api.url, f"http://localhost:{port_of(api)}"):
+        status, _, _ = await api.call("POST", "/v1/executions", json={"ids": ["exec_1"]}, headers={"Origin": origin})
+        assert status in (200, 201), origin
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]
+)
+async def test_a_body_that_is_not_json_is_415(api: Api, content_type: str | None) -> None:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = b'{"ids": ["exec_1"]}'
+    for method, path in (("POST", "/v1/executions"), ("DELETE", "/v1/executions/exec_1")):
+        status, answer, _ = await api.call(method, path, data=body, headers=headers)
+        assert (status, answer["error"]["code"]) == (415, "unsupported_media_type"), (method, content_type)
+    assert api.backend.snapshot() == set()
+
+
+async def test_json_with_a_charset_and_bodiless_requests_pass(api: Api) -> None:
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    status, _, _ = await api.call("POST", "/v1/executions", data=b'{"ids": ["exec_1"]}', headers=headers)
+    assert status == 201
+    status, _, _ = await api.call("DELETE", "/v1/executions/exec_1")  # no body, no Content-Type
+    assert status == 200
+
+
+async def test_a_browser_style_cross_origin_post_never_succeeds(api: Api) -> None:
+    """What a page on evil.example can send without a preflight: text/plain, its Origin, no token.
+    Refused at the first check it fails (Origin), whatever else is wrong with it."""
+    port = port_of(api)
+    simple = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    body = json.dumps({"ids": [f"exec_{i}" for i in range(10_000)]}).encode()
+    for auth, host, want in ((False, f"127.0.0.1:{port}", 403), (True, f"127.0.0.1:{port}", 403),
+                             (False, f"evil.example:{port}", 421)):  # fmt: skip
+        headers = {**simple, "Host": host}
+        status, _, _ = await api.call("POST", "/v1/executions", auth=auth, data=body, headers=headers)
+        assert status == want, (auth, host)
+    assert api.backend.snapshot() == set()
+    assert api.backend.track_calls == []
 
 
 # --- health -----------------------------------------------------------------------------------
@@ -159,17 +277,18 @@ async def test_invalid_ids_are_all_named_and_nothing_is_tracked(api: Api) -> Non
 
 
 async def test_more_than_10000_ids_is_rejected_whole(api: Api) -> None:
-    api.state.token = None
     app_limit = 1_000_000
     server = ControlServer(create_control_app(api.state, max_body_bytes=app_limit), "127.0.0.1", 0)
     await server.start()
     try:
         ids = [f"e{i}" for i in range(10_001)]
-        async with api.session.post(server.url + "/v1/executions", json={"ids": ids}) as response:
+        async with api.session.post(server.url + "/v1/executions", json={"ids": ids}, headers=AUTH) as response:
             body = await response.json()
         assert response.status == 400
         assert body["error"]["code"] == "too_many_ids"
-        async with api.session.post(server.url + "/v1/executions", json={"ids": ids[:10_000]}) as response:
+        async with api.session.post(
+            server.url + "/v1/executions", json={"ids": ids[:10_000]}, headers=AUTH
+        ) as response:
             assert response.status == 201
     finally:
         await server.stop()

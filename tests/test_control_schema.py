@@ -1,7 +1,8 @@
 """Schemathesis against the live control API, from the OpenAPI document kept in the repo.
 
-Every operation, with generated valid and invalid (negative) inputs, with and without the token:
-no 5xx, every answer matches the document, and nothing from a rejected request is tracked.
+Every operation, with generated valid and invalid (negative) inputs, with and without the token, and
+as a web page would send it (a foreign Origin, a rebound Host): no 5xx, every answer matches the
+document, and nothing from a rejected request is tracked.
 The server runs in a thread of its own (schemathesis calls it synchronously, over real HTTP).
 """
 
@@ -15,7 +16,8 @@ import pytest
 import schemathesis
 from control_fakes import MemoryBackend, serve_in_thread
 from hypothesis import HealthCheck, settings
-from schemathesis import GenerationMode
+from schemathesis import GenerationMode, checks
+from yarl import URL
 
 from monitor.metrics import Metrics
 from monitor.secrets import Secret
@@ -75,3 +77,28 @@ def test_without_token(case: schemathesis.Case[Any], live_server: LiveServer) ->
     if case.path != "/healthz":
         assert response.status_code == 401
     _check_nothing_tracked_when_rejected(case, response.status_code, before, live_server)
+
+
+# The answer is documented: status, content type and body. (Not the checks that expect the request
+# itself to be judged, such as 405 for TRACE: these requests are refused before that.)
+CONFORMANCE = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+]
+
+
+@schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck), max_examples=3)
+def test_a_foreign_origin_or_host_is_refused_as_documented(
+    case: schemathesis.Case[Any], live_server: LiveServer
+) -> None:
+    """What a web page could send (its Origin; a rebound DNS name as Host): 403 and 421, as the document says."""
+    before = live_server.backend.snapshot()
+    port = URL(live_server.url).port
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for extra, want in (({"Origin": "http://evil.example"}, 403), ({"Host": f"evil.example:{port}"}, 421)):
+        response = case.call_and_validate(base_url=live_server.url, headers={**auth, **extra}, checks=CONFORMANCE)
+        assert response.status_code == want, (extra, response.text)
+    assert live_server.backend.snapshot() == before

@@ -133,6 +133,48 @@ async def test_refuses_a_non_loopback_address_without_a_token(tmp_path: Path) ->
     assert engines == []
 
 
+async def test_without_a_configured_token_one_is_generated_and_kept(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "execmon.toml"
+    config.write_text(f'[state]\npath = "{tmp_path / "s.db"}"\n[control]\nlisten = "127.0.0.1:{port}"\n')
+    token_file = tmp_path / "s.db.token"
+
+    def daemon() -> Daemon:
+        return Daemon(
+            config,
+            env={},
+            engine_factory=FakeEngine,
+            backend_factory=lambda engine: engine.backend,
+            validate_config=lambda _config: None,
+            handle_signals=False,
+            configure_logs=False,
+        )
+
+    async with daemon() as first:
+        token = token_file.read_text().strip()
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert await get(session, url + "/v1/executions", token=None) == 401
+        assert await get(session, url + "/v1/executions", token=token) == 200
+        assert await get(session, url + "/healthz", token=None) == 200
+        assert await first.reload()
+        assert await get(session, url + "/v1/executions", token=token) == 200
+        token_file.unlink()  # rotation: delete the file, reload
+        assert await first.reload()
+        rotated = token_file.read_text().strip()
+        assert rotated != token
+        assert await get(session, url + "/v1/executions", token=token) == 401
+        assert await get(session, url + "/v1/executions", token=rotated) == 200
+        first.request_stop()
+    async with daemon() as second:  # a restart reuses it
+        assert token_file.read_text().strip() == rotated
+        token = rotated
+        assert await get(session, url + "/v1/executions", token=token) == 200
+        second.request_stop()
+
+
 async def test_port_in_use_fails_before_the_engine_starts(setup: Setup) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", setup.port))

@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from control_fakes import MemoryBackend, serve_in_thread
+from e2e import free_port
 
 from monitor.cli import main
 from monitor.records import Outcome, TerminalEvent, build_result_record
+from monitor.secrets import Secret
+from monitor.service.control import ControlState
 from monitor.state.rows import TrackRequest
 from monitor.state.store import Store
 
@@ -63,3 +67,36 @@ def test_a_state_file_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert "in use" in err
     assert "Traceback" not in err
+    assert "uses another state file" in err  # no config names it: no daemon to ask
+
+
+def test_retry_asks_the_daemon_of_the_config_and_says_so_when_none_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state.db"
+    _state_with_one_dead_letter(state)
+    config = tmp_path / "execmon.toml"
+    config.write_text(f'[state]\npath = "{state}"\n[control]\nlisten = "127.0.0.1:{free_port()}"\n')
+    with Store.open(state):  # held, as by a daemon, but nothing answers on its control address
+        assert main(["dead-letters", "--config", str(config), "--retry"]) == 2
+    err = capsys.readouterr().err
+    assert "in use" in err
+    assert "asking its daemon instead failed: cannot reach the execmon daemon" in err
+    assert "Traceback" not in err
+
+
+def test_retry_while_a_daemon_holds_the_state_goes_through_its_control_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state.db"
+    event = _state_with_one_dead_letter(state)
+    backend = MemoryBackend()
+    backend.dead_letters = 1
+    monkeypatch.setenv("EXECMON_CONTROL_TOKEN", "dead-letter-test-token")
+    control = ControlState(token=Secret("dead-letter-test-token"), backend=backend)
+    with serve_in_thread(control) as server, Store.open(state):
+        config = tmp_path / "execmon.toml"
+        config.write_text(f'[state]\npath = "{state}"\n[control]\nlisten = "127.0.0.1:{server.port}"\n')
+        assert main(["dead-letters", "--config", str(config), "--retry", event, "--sink", "hook"]) == 0
+    assert "1 dead letter(s) queued again by the running daemon" in capsys.readouterr().out
+    assert backend.retry_calls == [("hook", event)]

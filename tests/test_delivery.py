@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from monitor.clock import Clock
 from monitor.config import SinkConfig, SinkEvents
 from monitor.delivery import Delivery
 from monitor.errors import UsageError
+from monitor.metrics import Metrics
 from monitor.records import Outcome, TerminalEvent, build_result_record, group_event_id
 from monitor.sinks.base import BaseSink, DeliveryError
 from monitor.sinks.registry import SinkHandle
@@ -55,6 +57,31 @@ class MemorySink(BaseSink):
         self.changed.set()
 
 
+FAST = {"backoff_base_s": 0.01, "backoff_cap_s": 0.01}
+
+
+class Recorder:
+    """A DeliveryMetrics that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, str]] = []
+        self.depth: list[int] = []
+        self.dead: list[int] = []
+        self.circuit: list[tuple[str, bool]] = []
+
+    def delivery(self, sink: str, result: str) -> None:
+        self.results.append((sink, result))
+
+    def set_outbox_depth(self, n: int) -> None:
+        self.depth.append(n)
+
+    def set_dead_letters(self, n: int) -> None:
+        self.dead.append(n)
+
+    def set_circuit_open(self, sink: str, is_open: bool) -> None:
+        self.circuit.append((sink, is_open))
+
+
 def handle(name: str, sink: BaseSink, **common: Any) -> SinkHandle:
     sink.name = name
     config = SinkConfig(type="memory", index=1, source="test", **common)
@@ -79,7 +106,8 @@ async def hang(record: dict[str, Any], attempt: int) -> None:
 async def test_a_hanging_sink_delays_nobody_and_ends_in_dead_letters(store: Store) -> None:
     stuck, fast = MemorySink(hang, concurrency=10), MemorySink()
     sinks = [
-        handle("stuck", stuck, timeout_s=0.25, max_attempts=2, backoff_base_s=0.01, backoff_cap_s=0.01),
+        # pause_after_failures=0: every row's own attempts (the circuit is tested on its own below)
+        handle("stuck", stuck, timeout_s=0.25, max_attempts=2, pause_after_failures=0, **FAST),
         handle("fast", fast),
     ]
     async with Delivery(store, sinks, Clock(), rng=random.Random(1)) as delivery:
@@ -241,35 +269,22 @@ async def test_the_queue_is_bounded_and_the_backlog_waits_in_the_store(store: St
 
 
 async def test_metrics_hooks_and_retrying_dead_letters(store: Store) -> None:
-    seen: list[tuple[str, str]] = []
-    depth: list[int] = []
-    dead: list[int] = []
-
-    class Metrics:
-        def delivery(self, sink: str, result: str) -> None:
-            seen.append((sink, result))
-
-        def set_outbox_depth(self, n: int) -> None:
-            depth.append(n)
-
-        def set_dead_letters(self, n: int) -> None:
-            dead.append(n)
-
     async def once_bad(record: dict[str, Any], attempt: int) -> None:
         if attempt == 1:
             raise DeliveryError("bad", retryable=False)
 
     sink = MemorySink(once_bad)
-    async with Delivery(store, [handle("m", sink)], Clock(), metrics=Metrics()) as delivery:
+    metrics = Recorder()
+    async with Delivery(store, [handle("m", sink)], Clock(), metrics=metrics) as delivery:
         delivery.submit(event(1))
         assert await delivery.drain(timeout=5)
-        assert store.retry_dead() == 1
-        delivery.reload()
+        assert delivery.retry_dead_letters() == 1
         assert await delivery.drain(timeout=5)
-    assert seen == [("m", "dead_letter"), ("m", "ok")]
-    assert dead == [1]
-    assert depth[-1] == 0
-    assert max(depth) == 1
+    assert metrics.results == [("m", "dead_letter"), ("m", "ok")]
+    assert metrics.dead == [0, 1, 0]  # counted in the store at start and after the retry
+    assert metrics.depth[-1] == 0
+    assert max(metrics.depth) == 1
+    assert metrics.circuit == [("m", False)]
 
 
 async def test_a_sink_that_cannot_open_is_a_usage_error_and_others_are_closed(store: Store) -> None:
@@ -295,3 +310,126 @@ async def test_replacing_sinks_keeps_pending_rows(store: Store) -> None:
         assert await delivery.drain(timeout=5)
     assert old.closed
     assert [r["execution_id"] for r in new.got] == ["exec_001"]
+
+
+class Flaky:
+    """A sink behaviour that fails (HTTP 503) while `down`, each attempt taking `busy_s`; it logs
+    every attempt's (start, end) to show how many ran at once."""
+
+    def __init__(self, busy_s: float = 0.01) -> None:
+        self.down = True
+        self.busy_s = busy_s
+        self.spans: list[tuple[float, float]] = []
+
+    async def __call__(self, record: dict[str, Any], attempt: int) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(self.busy_s)
+        self.spans.append((start, loop.time()))
+        if self.down:
+            raise DeliveryError("HTTP 503 from h:443")
+
+
+def overlapping(spans: list[tuple[float, float]]) -> int:
+    """How many attempts started before the previous one ended."""
+    ordered = sorted(spans)
+    return sum(1 for (_, end), (start, _) in itertools.pairwise(ordered) if start < end)
+
+
+async def test_the_circuit_opens_after_k_failures_probes_one_at_a_time_and_closes(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="monitor")
+    flaky = Flaky()
+    sink = MemorySink(flaky, concurrency=4)
+    metrics = Recorder()
+    config = {"pause_after_failures": 3, "backoff_base_s": 0.02, "backoff_cap_s": 0.04}
+    async with Delivery(store, [handle("h", sink, **config)], Clock(), metrics=metrics) as delivery:
+        for n in range(20):
+            delivery.submit(event(n))
+        await sink.until(lambda: ("h", True) in metrics.circuit)
+        opened_at = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.6)
+        flaky.down = False
+        assert await delivery.drain(timeout=10)
+        assert delivery.depths() == {"h": 0}
+    while_open = [span for span in flaky.spans if span[0] > opened_at + flaky.busy_s]
+    probes = [span for span in while_open if span[0] < opened_at + 0.6]
+    assert 3 <= len(probes) <= 40  # one at a time, each after a backoff of at most 0.04 s
+    assert overlapping(probes) == 0  # never two at once while open: 4 workers, 20 rows waiting
+    assert len(flaky.spans) < 20 + len(probes) + 8  # not every row was tried while the sink was down
+    assert sorted(r["execution_id"] for r in sink.got) == [f"exec_{n:03d}" for n in range(20)]
+    assert store.dead_count() == 0
+    assert metrics.circuit == [("h", False), ("h", True), ("h", False)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("circuit open" in m for m in messages) == 1
+    assert sum("circuit closed" in m for m in messages) == 1
+
+
+async def test_a_retry_after_pauses_the_whole_sink(store: Store) -> None:
+    async def busy_once(record: dict[str, Any], attempt: int) -> None:
+        if attempt == 1:
+            raise DeliveryError("HTTP 429 from h:443", retry_after_s=0.5)
+
+    sink = MemorySink(busy_once)
+    async with Delivery(store, [handle("h", sink, backoff_base_s=0.01, backoff_cap_s=5.0)], Clock()) as delivery:
+        for n in range(5):
+            delivery.submit(event(n))
+        assert await delivery.drain(timeout=10)
+    times = [t for _, t in sink.attempts]
+    assert len(times) == 6
+    assert times[1] - times[0] >= 0.49  # no row at all went to the sink during its Retry-After
+    assert len(sink.got) == 5
+
+
+async def test_a_failing_result_is_dead_only_after_max_age(store: Store) -> None:
+    async def down(record: dict[str, Any], attempt: int) -> None:
+        raise DeliveryError("connection refused")
+
+    sink = MemorySink(down)
+    config = {"max_age": 0.6, "pause_after_failures": 0, "backoff_base_s": 0.02, "backoff_cap_s": 0.05}
+    async with Delivery(store, [handle("h", sink, **config)], Clock()) as delivery:
+        started = asyncio.get_running_loop().time()
+        delivery.submit(event(1))
+        await sink.until(lambda: asyncio.get_running_loop().time() - started > 0.4)
+        assert store.dead_count() == 0  # many attempts failed, but the horizon is not reached
+        assert await delivery.drain(timeout=5)
+        ended = asyncio.get_running_loop().time()
+    [dead] = store.dead_letters()
+    assert ended - started >= 0.6
+    assert dead.attempts >= 10
+    assert (dead.last_error or "").startswith(f"not delivered within max_age (0.6 s), {dead.attempts} attempts")
+
+
+async def test_results_waiting_behind_an_open_circuit_are_dead_after_max_age(store: Store) -> None:
+    async def down(record: dict[str, Any], attempt: int) -> None:
+        raise DeliveryError("connection refused")
+
+    sink = MemorySink(down)
+    config = {"max_age": 0.5, "pause_after_failures": 1, "backoff_base_s": 10.0, "backoff_cap_s": 10.0}
+    async with Delivery(store, [handle("h", sink, **config)], Clock(), rng=random.Random(4)) as delivery:
+        started = asyncio.get_running_loop().time()
+        for n in range(5):
+            delivery.submit(event(n))
+        await asyncio.sleep(0.4)
+        assert store.dead_count() == 0
+        assert await delivery.drain(timeout=5)
+        assert asyncio.get_running_loop().time() - started >= 0.5
+    assert len(sink.attempts) < 5  # most were never tried: the sink was paused
+    reasons = [d.last_error or "" for d in store.dead_letters()]
+    assert len(reasons) == 5
+    assert sum("while the sink was failing; last: never attempted" in r for r in reasons) >= 3
+
+
+async def test_gauges_come_from_the_store_at_start(store: Store) -> None:
+    for n in range(3):
+        record = build_result_record(event(n))
+        store.finish(record["execution_id"], Outcome.COMPLETED, record, ["h"])
+        if n < 2:
+            store.mark_dead(record["event_id"], "h", "HTTP 410")
+    metrics = Metrics()
+    async with Delivery(store, [handle("h", MemorySink(hang), timeout_s=60)], Clock(), metrics=metrics):
+        text = metrics.render()[0].decode()
+    assert "execmon_dead_letters 2.0" in text  # a restart does not reset it
+    assert "execmon_outbox_depth 1.0" in text
+    assert 'execmon_sink_circuit_open{sink="h"} 0.0' in text

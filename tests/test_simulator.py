@@ -92,13 +92,15 @@ async def test_the_four_status_shapes(start: Start, http: aiohttp.ClientSession)
     assert isinstance(done["metadata"]["execution_time"], float)
     assert isinstance(done["metadata"]["tokens_used"], int)
     failed = bodies["failed"]
-    assert set(failed) == {"execution_id", "status", "error", "failed_at"}
+    assert set(failed) == {"execution_id", "status", "error", "metadata", "failed_at"}  # metadata: the contract's
     assert failed["error"]["code"] == "execution_error"
     assert failed["error"]["message"] == "Task execution failed"
     assert isinstance(failed["error"]["details"], str)
     assert ISO_Z.match(failed["failed_at"])
     cancelled = bodies["cancelled"]
-    assert set(cancelled) == {"execution_id", "status", "progress", "cancelled_at"}
+    assert set(cancelled) == {"execution_id", "status", "progress", "metadata", "cancelled_at"}
+    for body in bodies.values():
+        assert body["metadata"]["execution_time"] == pytest.approx(0.2)
     assert cancelled["status"] == "cancelled"
     assert ISO_Z.match(cancelled["cancelled_at"])
 
@@ -302,6 +304,14 @@ async def test_speed_divides_every_duration(start: Start, http: aiohttp.ClientSe
         ({"count": 1, "outcome": "exploded"}, 400, "outcome"),
         ({"count": 1, "colour": "red"}, 400, "colour"),
         ({"count": 1, "progress": {"model": "log"}}, 400, "progress"),
+        ({"count": 1, "duration_s": 60, "stall": {"at_s": 60, "for_s": 5}}, 400, "stall.at_s"),
+        ({"count": 1, "stall": {"at_s": -1, "for_s": 5}}, 400, "stall.at_s"),
+        ({"count": 1, "stall": {"at_s": 1, "for_s": 0}}, 400, "stall.for_s"),
+        ({"count": 1, "stall": {"at_s": 1, "for_s": 5, "then": "explode"}}, 400, "stall.then"),
+        ({"count": 1, "stall": {"at_s": 1}}, 400, "'stall' must be"),
+        ({"count": 1, "stall": {"at_s": True, "for_s": 5}}, 400, "'stall' must be"),
+        ({"count": 1, "stall": {"at_s": 1, "for_s": 5, "colour": 1}}, 400, "'stall' must be"),
+        ({"count": 1, "stall": [1, 5]}, 400, "'stall' must be"),
         ([1, 2], 400, "object"),
         ({"ids": ["exec_taken"]}, 409, "exec_taken"),
     ],
@@ -360,7 +370,10 @@ async def test_ground_truth_lists_status_end_and_polls(start: Start, http: aioht
         "created_at",
         "ended_at",
         "polls",
+        "stalled_from",
+        "stalled_until",
     }
+    assert rows["exec_short"]["stalled_from"] is None  # it never stalls
     assert rows["exec_short"]["status"] == "failed"
     assert ISO_Z.match(rows["exec_short"]["ended_at"])
     assert rows["exec_short"]["polls"] == 0  # its end is known though nobody asked

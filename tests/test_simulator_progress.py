@@ -105,9 +105,11 @@ async def test_bodies_have_the_vendor_shapes() -> None:
     assert done["metadata"]["execution_time"] == 10.0
     assert done["completed_at"] == clock.iso(now + 10.0)  # the end, not the time of asking
     failed = execution("linear", outcome="failed", end_s=3.0).body(2000.0, clock)
-    assert set(failed) == {"execution_id", "status", "error", "failed_at"}
+    assert set(failed) == {"execution_id", "status", "error", "metadata", "failed_at"}
     assert set(failed["error"]) == {"code", "message", "details"}
+    assert failed["metadata"] == {"execution_time": 3.0}
     cancelled = execution("linear", outcome="cancelled", end_s=30.0).body(2000.0, clock)
-    assert set(cancelled) == {"execution_id", "status", "progress", "cancelled_at"}
+    assert set(cancelled) == {"execution_id", "status", "progress", "metadata", "cancelled_at"}
+    assert cancelled["metadata"] == {"execution_time": 30.0}
     assert cancelled["progress"] == 30
     assert ISO_Z.match(cancelled["cancelled_at"])

@@ -1,4 +1,5 @@
-"""The jsonl sink: whole lines, one per event_id (also across re-opens), torn tails tolerated."""
+"""The jsonl sink: whole lines, one per event_id (also across re-opens, from the file's last lines),
+torn tails tolerated."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 from monitor.config import SinkConfig
 from monitor.errors import UsageError
+from monitor.sinks import jsonl as jsonl_module
 from monitor.sinks.jsonl import JsonlSink
+from monitor.sinks.recent import RECENT_EVENT_IDS
 
 
 def config(**options: Any) -> SinkConfig:
@@ -106,3 +109,34 @@ def test_unwritable_or_missing_places_are_usage_errors(tmp_path: Path) -> None:
         JsonlSink.from_options({"pth": "x"}, config())
     with pytest.raises(UsageError, match=r"key 'fsync': expected true or false"):
         JsonlSink.from_options({"path": str(tmp_path / "a"), "fsync": "yes"}, config())
+
+
+async def test_only_the_files_last_lines_are_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "out.jsonl"
+    total = RECENT_EVENT_IDS + 5_000
+    torn = b'{"event_id": "ev_torn", "kind": "exec'
+    path.write_bytes(b"".join(json.dumps(record(n)).encode() + b"\n" for n in range(total)) + torn)
+    monkeypatch.setattr(jsonl_module, "_READ_CHUNK", 4096)  # many chunks, lines cut at their edges
+    sink = await opened(path)
+    assert sink.known_event_ids == RECENT_EVENT_IDS
+    await sink.send(record(total - 1))  # the newest: held, nothing written
+    await sink.send(record(total - RECENT_EVENT_IDS))  # the oldest one read back: held too
+    await sink.send(record(0))  # older than the window: the outbox never sends that again
+    await sink.close()
+    tail = path.read_bytes().split(b"\n")[-3:]
+    assert tail[0] == torn  # still skipped, and the next line starts fresh
+    assert json.loads(tail[1]) == record(0)
+    assert tail[2] == b""
+
+
+async def test_the_start_up_read_is_bounded_in_bytes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "out.jsonl"
+    big = "x" * 4000
+    path.write_text("".join(json.dumps({**record(n), "result": big}) + "\n" for n in range(100)))
+    monkeypatch.setattr(jsonl_module, "_READ_CHUNK", 16 * 1024)
+    monkeypatch.setattr(jsonl_module, "_TAIL_MAX_BYTES", 64 * 1024)
+    sink = await opened(path)
+    assert 10 <= sink.known_event_ids <= 16  # about 64 KiB of 4 KB lines, not the 400 KB file
+    await sink.send(record(99))
+    await sink.close()
+    assert len(lines(path)) == 100

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from monitor.clock import Clock
 from monitor.config import SinkConfig
@@ -25,6 +29,16 @@ from monitor.sinks.webhook import WebhookSink
 from monitor.state.store import Store, TrackRequest
 
 SECRET = "hook-secret-for-tests"
+WHSEC = "whsec_" + base64.b64encode(b"rotated-key-bytes-0123456789abcd").decode()
+
+
+def verifies(secret: str | bytes, body: bytes, headers: dict[str, str]) -> bool:
+    """Does the `standardwebhooks` package (not our code) accept this post with this secret?"""
+    try:
+        Webhook(secret).verify(body, headers)
+    except WebhookVerificationError:
+        return False
+    return True
 
 
 @dataclass
@@ -36,6 +50,8 @@ class Receiver:
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     repeats: int = 0
     bad_signatures: int = 0
+    bad_standard_signatures: int = 0  # checked with the standardwebhooks package, plain secret as bytes
+    seen: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     url: str = ""
 
@@ -46,6 +62,10 @@ class Receiver:
         good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(request.headers.get("X-Execmon-Signature", ""), good):
             self.bad_signatures += 1
+        headers = dict(request.headers)
+        self.seen.append((headers, body))
+        if not verifies(SECRET.encode(), body, headers):
+            self.bad_standard_signatures += 1
         status, headers = self.plan(self.posts)
         if status == 0:
             await asyncio.sleep(3600)  # hang
@@ -110,8 +130,11 @@ async def test_every_result_arrives_signed_once_per_key_through_500s(receiver: R
     assert {r["execution_id"] for r in receiver.accepted.values()} == failed_ids  # only `on` outcomes
     assert all(key == r["event_id"] for key, r in receiver.accepted.items())
     assert receiver.bad_signatures == 0
+    assert receiver.bad_standard_signatures == 0
     assert receiver.repeats == 0
     assert receiver.posts == 7 + len(failed_ids)
+    stamps = [int(headers["webhook-timestamp"]) for headers, _ in receiver.seen]
+    assert all(abs(stamp - time.time()) < 60 for stamp in stamps)  # each attempt's own time
 
 
 async def test_client_errors_are_permanent_with_the_status_in_the_reason(receiver: Receiver) -> None:
@@ -202,3 +225,43 @@ def test_unsigned_when_no_secret_and_custom_headers_sent() -> None:
     headers = sink.headers_for({"event_id": "ev_9"}, b"{}")
     assert headers == {"X-Team": "ops", "Content-Type": "application/json", "Idempotency-Key": "ev_9"}
     assert "example.com" in repr(sink)
+
+
+async def test_standard_webhooks_signatures_with_rotation_verify_with_the_package(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXECMON_TEST_HOOK_SECRET_NEW", WHSEC)
+    cfg = hook_config(receiver.url)
+    sink = WebhookSink.from_options({**cfg.options, "secret_envs": ["EXECMON_TEST_HOOK_SECRET_NEW"]}, cfg)
+    record = {"event_id": "ev_rot1", "kind": "execution", "outcome": "failed", "note": "caf\u00e9"}
+    await sink.open()
+    try:
+        await sink.send(record)
+    finally:
+        await sink.close()
+    [(headers, body)] = receiver.seen
+    assert headers["webhook-id"] == "ev_rot1" == headers["Idempotency-Key"]
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 5
+    assert [part[:3] for part in headers["webhook-signature"].split(" ")] == ["v1,", "v1,"]  # one per secret
+    # A receiver that knows either secret accepts it (mid-rotation); another secret or body does not.
+    assert Webhook(WHSEC).verify(body, headers) == record
+    assert verifies(SECRET.encode(), body, headers)  # a plain secret is its UTF-8 bytes
+    assert not verifies("whsec_" + base64.b64encode(b"some-other-key-bytes-0123456789").decode(), body, headers)
+    assert not verifies(WHSEC, body.replace(b"failed", b"passed"), headers)
+    assert receiver.bad_signatures == 0  # X-Execmon-Signature: the first secret, as before
+
+
+def test_signing_secrets_are_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = hook_config("https://example.com/hook")
+    monkeypatch.setenv("EXECMON_TEST_BAD_WHSEC", "whsec_not*base64!")
+    with pytest.raises(UsageError, match="must be base64 after the prefix") as caught:
+        WebhookSink.from_options({**cfg.options, "secret_envs": ["EXECMON_TEST_BAD_WHSEC"]}, cfg)
+    assert "not*base64" not in str(caught.value)
+    with pytest.raises(UsageError, match="key 'secret_envs': expected a list of environment variable names"):
+        WebhookSink.from_options({**cfg.options, "secret_envs": "EXECMON_TEST_HOOK_SECRET"}, cfg)
+    with pytest.raises(UsageError, match="key 'secret_envs': environment variable EXECMON_TEST_UNSET_9 is not set"):
+        WebhookSink.from_options({**cfg.options, "secret_envs": ["EXECMON_TEST_UNSET_9"]}, cfg)
+    sink = WebhookSink.from_options({**cfg.options, "secret_envs": ["EXECMON_TEST_HOOK_SECRET"]}, cfg)
+    signature = sink.headers_for({"event_id": "ev_1"}, b"{}")["webhook-signature"]
+    assert len(signature.split(" ")) == 1  # the same variable twice signs once
+    assert SECRET not in repr(sink)

@@ -138,7 +138,8 @@ def test_outbox_failures_backoff_dead_letters_and_retry(store: Store) -> None:
     delivered = store.get_delivery(ev_b, "hook")
     assert delivered is not None
     assert delivered.state is DeliveryState.DELIVERED
-    assert store.undelivered_ids() == {"exec_a"}
+    assert store.undelivered_among(["exec_a", "exec_b", "exec_unknown"]) == {"exec_a"}
+    assert store.undelivered_among([]) == set()
 
 
 def test_group_digest_once_after_the_last_member(store: Store) -> None:
@@ -344,6 +345,7 @@ CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NU
   last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, UNIQUE (event_id, sink));
 CREATE INDEX outbox_by_sink_state ON outbox (sink, state, next_attempt_at);
 CREATE TABLE budget (id INTEGER PRIMARY KEY AUTOINCREMENT, stamp REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX budget_by_stamp ON budget (stamp);
 INSERT INTO meta VALUES ('schema_version', '1');
 INSERT INTO executions (execution_id, tracked_since, grp) VALUES ('old_a', 1, 'nightly'), ('old_b', 1, 'nightly');
 INSERT INTO groups (name, members) VALUES ('nightly', 2);
@@ -364,3 +366,28 @@ def test_a_schema_1_file_is_migrated_and_its_group_in_progress_still_gets_its_di
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
     conn.close()
+
+
+def _shape(path: Path) -> dict[str, object]:
+    """Each table's columns (in any order: a migration appends) and each index's columns and WHERE."""
+    shape: dict[str, object] = {}
+    with sqlite3.connect(path) as conn:
+        for kind, name, sql in conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite%'"):
+            if kind == "table":
+                shape[name] = sorted(tuple(column[1:]) for column in conn.execute(f"PRAGMA table_info({name})"))
+            else:
+                columns = [column[2] for column in conn.execute(f"PRAGMA index_info({name})")]
+                shape[name] = (columns, " ".join(sql.partition(" WHERE ")[2].split()))
+    conn.close()
+    return shape
+
+
+def test_a_migrated_file_has_the_schema_of_a_new_one(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    with sqlite3.connect(old) as conn:
+        conn.executescript(_SCHEMA_V1)
+    conn.close()
+    Store.open(old).close()
+    Store.open(new).close()
+    assert _shape(old) == _shape(new)
+    assert "outbox_by_execution" in _shape(new)

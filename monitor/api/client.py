@@ -249,8 +249,8 @@ class ExecutionsClient:
 
     def _error_for(self, execution_id: str, resp: aiohttp.ClientResponse) -> ApiError:
         status = resp.status
-        if status == 401:
-            return KeyRejected()
+        if status in (401, 403):
+            return KeyRejected(status)
         if status == 404:
             return ExecutionNotFound(execution_id)
         if status == 429:

@@ -12,10 +12,15 @@ class ApiError(ExecmonError):
 
 
 class KeyRejected(ApiError):
-    """401: the key is invalid or revoked. Stop spending with it; report unhealthy."""
+    """401 or 403: the key is invalid, revoked or not allowed. Stop spending with it; report unhealthy.
 
-    def __init__(self) -> None:
-        super().__init__("the API key was rejected (401 unauthorized): check the key and reload")
+    A 403 is treated like a 401: retrying a key the server refuses only burns the budget.
+    """
+
+    def __init__(self, status: int = 401) -> None:
+        # No advice here: each front end says what to do (watch: which variable; the daemon: reload).
+        super().__init__("the API key was rejected: " + ("forbidden (403)" if status == 403 else "401 unauthorized"))
+        self.status = status
 
 
 class ExecutionNotFound(ApiError):

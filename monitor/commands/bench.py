@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import TextIO
@@ -38,12 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=POLICY_NAMES,
         help="policy to run (repeatable; default: backoff and adaptive)",
     )
+    parser.add_argument("--seed", type=int, metavar="N", help="replace the scenario file's seed")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     _quiet_logs()
     scenario = load_scenario(args.scenario)
+    if args.seed is not None:
+        scenario = dataclasses.replace(scenario, seed=args.seed)
     policies = tuple(dict.fromkeys(args.policy or DEFAULT_POLICIES))
     if not policies:
         raise UsageError("give at least one --policy")

@@ -37,7 +37,7 @@ class MonitorBackend:
     def list_executions(self, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
         store = self._engine.store
         rows = store.list_executions(status, limit, offset)
-        undelivered = store.undelivered_ids() if any(r.terminal for r in rows) else set()
+        undelivered = store.undelivered_among(r.execution_id for r in rows if r.terminal)
         return [self._view(row, undelivered) for row in rows]
 
     def count_executions(self, status: str | None) -> int:
@@ -47,10 +47,13 @@ class MonitorBackend:
         row = self._engine.store.get(execution_id)
         if row is None:
             return None
-        return self._view(row, self._engine.store.undelivered_ids() if row.terminal else set())
+        return self._view(row, self._engine.store.undelivered_among([execution_id] if row.terminal else []))
 
     def health(self) -> tuple[bool, str | None]:
         return self._engine.health()
+
+    async def retry_dead_letters(self, *, sink: str | None, event_id: str | None) -> int:
+        return self._engine.retry_dead_letters(sink, event_id)
 
     def _view(self, row: TrackedRow, undelivered: set[str]) -> dict[str, Any]:
         last = row.last_status or {}

@@ -1,7 +1,9 @@
 """`execmon run`: the daemon's lifecycle around the engine.
 
-Start: load the config, bind the control API (a busy port fails here, before any state is opened),
-enter the engine, a `Monitor` (opens SQLite, resumes every tracked execution), start the loop monitors.
+Start: load the config, take the control token (the configured one, else the one generated beside
+the state file at the first start: `monitor.service.control_token`), bind the control API (a busy
+port fails here, before any state is opened), enter the engine, a `Monitor` (opens SQLite, resumes
+every tracked execution), start the loop monitors.
 If the Monitor fails (an internal task died, the state store stayed down past its grace period),
 `/healthz` says 503 at once and the daemon stops and exits 1 (`MonitorFailed`), so that a supervisor
 restarts it; the state on disk is intact and the restart resumes.
@@ -32,6 +34,7 @@ from monitor.events import Event, KeyRejected, KeyRestored
 from monitor.logs import configure_logging, get_logger
 from monitor.metrics import Metrics
 from monitor.rates import format_rate_limit
+from monitor.secrets import Secret
 from monitor.service.control import (
     ControlBackend,
     ControlServer,
@@ -39,6 +42,7 @@ from monitor.service.control import (
     check_listen_allowed,
     create_control_app,
 )
+from monitor.service.control_token import load_or_create_token, token_path
 from monitor.service.stall import StallMonitor
 
 log = get_logger(__name__)
@@ -155,18 +159,16 @@ class Daemon:
         return self
 
     async def _start(self, config: Config) -> None:
-        token = config.control_token()
         host, port = config.control.listen
-        check_listen_allowed(host, token)
+        configured = config.control_token()
+        check_listen_allowed(host, configured)
         self._validate_config(config)  # a missing key or a bad sink: refused before anything is bound or opened
+        self.state.token = _or_generated(configured, config)
         self._config = config
-        self.state.token = token
-        app = create_control_app(self.state, max_body_bytes=config.control.max_body_bytes)
+        app = create_control_app(self.state, max_body_bytes=config.control.max_body_bytes, listen_host=host)
         self._server = ControlServer(app, host, port)
         await self._server.start()
         self._stack.push_async_callback(self._server.stop)
-        if token is None:
-            log.warning("the control API has no token: anyone on this machine can use it", url=self._server.url)
         engine = self._engine_factory(config)
         await self._stack.enter_async_context(engine)
         self._engine = engine
@@ -233,8 +235,9 @@ class Daemon:
             old = self.config
             try:
                 new = self._load()
-                token = new.control_token()
-                check_listen_allowed(old.control.listen[0], token)
+                configured = new.control_token()
+                check_listen_allowed(old.control.listen[0], configured)  # listen changes on a restart only
+                token = _or_generated(configured, new)
             except UsageError as exc:
                 log.error("config reload refused; keeping the previous config", error=str(exc))
                 return False
@@ -251,7 +254,7 @@ class Daemon:
             self._apply(old, new, token)
             return True
 
-    def _apply(self, old: Config, new: Config, token: Any) -> None:
+    def _apply(self, old: Config, new: Config, token: Secret) -> None:
         self.state.token = token
         self._config = new
         if self._configure_logs:
@@ -295,9 +298,17 @@ class Daemon:
         self.request_reload()
 
 
+def _or_generated(configured: Secret | None, config: Config) -> Secret:
+    """The configured token, else the generated one beside the state file (made at the first start)."""
+    return configured if configured is not None else load_or_create_token(token_path(config))
+
+
 def _log_key_events(event: Event) -> None:
     if isinstance(event, KeyRejected):
-        log.error("the API key was rejected (401): polling has stopped; fix the key, then reload (SIGHUP)")
+        # The reason says which answer: "401 unauthorized" or "forbidden (403)".
+        log.error(
+            "the API key was rejected: polling has stopped; fix the key, then reload (SIGHUP)", reason=event.reason
+        )
     elif isinstance(event, KeyRestored):
         log.info("a new API key was loaded: polling goes on")
 

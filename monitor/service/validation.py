@@ -43,6 +43,9 @@ class ErrorCode(StrEnum):
     TOO_MANY_IDS = "too_many_ids"  # more than MAX_IDS in one request
     BODY_TOO_LARGE = "body_too_large"  # over [control] max_body_bytes
     UNAUTHORIZED = "unauthorized"  # missing or wrong bearer token
+    FORBIDDEN_ORIGIN = "forbidden_origin"  # an Origin header of another origin (a web page)
+    MISDIRECTED = "misdirected_request"  # a Host header that does not name the listener (DNS rebinding)
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body that is not Content-Type: application/json
     NOT_FOUND = "not_found"  # not tracked, or no such endpoint
     METHOD_NOT_ALLOWED = "method_not_allowed"  # e.g. PUT on /v1/executions
     UNAVAILABLE = "unavailable"  # starting or stopping

@@ -13,9 +13,10 @@ from aiohttp import web
 
 from monitor.clock import Clock
 from monitor.simulator.errors import SimulatorRequestError
-from monitor.simulator.scenario import ProgressKind, ProgressModel
+from monitor.simulator.scenario import ProgressKind, ProgressModel, Stall, StallThen
 
-_CREATE_KEYS = ("count", "ids", "duration_s", "outcome", "progress")
+_CREATE_KEYS = ("count", "ids", "duration_s", "outcome", "progress", "stall")
+_STALL_KEYS = ("at_s", "for_s", "then")
 
 
 # What these routes use of server.Simulator and its ExecutionTruth rows, as Protocols: server.py imports
@@ -33,6 +34,12 @@ class TruthRow(Protocol):
     def ended_at(self) -> float | None: ...
     @property
     def polls(self) -> int: ...
+    @property
+    def stalled_from(self) -> float | None: ...
+    @property
+    def stalled_until(self) -> float | None: ...
+    @property
+    def kind(self) -> str | None: ...
 
 
 class SimulatorLike(Protocol):
@@ -47,6 +54,7 @@ class SimulatorLike(Protocol):
         duration_s: float = ...,
         outcome: str | None = ...,
         progress: ProgressModel | None = ...,
+        stall: Stall | None = ...,
     ) -> list[str]: ...
 
     def revoke(self, key: str) -> None: ...
@@ -89,21 +97,29 @@ def add_admin_routes(app: web.Application, simulator: SimulatorLike) -> None:
 
 def ground_truth(simulator: SimulatorLike) -> dict[str, Any]:
     """The GET /_sim/executions body: what really happened, with wall-clock timestamps."""
-    clock = simulator.clock
     return {
-        "executions": [
-            {
-                "execution_id": t.execution_id,
-                "status": t.status,
-                "progress": t.progress,
-                "created_at": clock.iso(t.created_at),
-                "ended_at": None if t.ended_at is None else clock.iso(t.ended_at),
-                "polls": t.polls,
-            }
-            for t in simulator.truth()
-        ],
+        "executions": [_truth_row(t, simulator.clock) for t in simulator.truth()],
         "not_found_ids": simulator.not_found_ids(),
     }
+
+
+def _truth_row(truth: TruthRow, clock: Clock) -> dict[str, Any]:
+    def iso(at: float | None) -> str | None:
+        return None if at is None else clock.iso(at)
+
+    row: dict[str, Any] = {
+        "execution_id": truth.execution_id,
+        "status": truth.status,
+        "progress": truth.progress,
+        "created_at": clock.iso(truth.created_at),
+        "ended_at": iso(truth.ended_at),
+        "polls": truth.polls,
+        "stalled_from": iso(truth.stalled_from),  # planned: shown before the stall too
+        "stalled_until": iso(truth.stalled_until),
+    }
+    if truth.kind is not None:
+        row["kind"] = truth.kind
+    return row
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -128,7 +144,20 @@ def _create_arguments(payload: dict[str, Any]) -> dict[str, Any]:
     }
     if "progress" in payload:
         arguments["progress"] = _progress_model(payload["progress"])
+    if "stall" in payload:
+        arguments["stall"] = _stall(payload["stall"])
     return arguments
+
+
+def _stall(value: object) -> Stall:
+    """The shape of `stall`; Simulator.create checks the values against the execution's duration."""
+    usage = '\'stall\' must be {"at_s": seconds, "for_s": seconds, "then": "resume" | "fail"}'
+    if not isinstance(value, dict) or set(value) - set(_STALL_KEYS) or not {"at_s", "for_s"} <= set(value):
+        raise SimulatorRequestError(usage)
+    at_s, for_s, then = value["at_s"], value["for_s"], value.get("then", StallThen.RESUME)
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (at_s, for_s)) or not isinstance(then, str):
+        raise SimulatorRequestError(usage)
+    return Stall(float(at_s), float(for_s), then)
 
 
 def _progress_model(value: object) -> ProgressModel:

@@ -3,6 +3,9 @@
 A scenario is a list of groups; `Scenario.plan()` turns it into one `PlannedExecution` per execution.
 Every random choice for execution number i comes from its own `random.Random` seeded from
 (name, seed, i), so the plan depends only on the file, never on the order in which anything is asked.
+
+The optional models of a group (`kind`, `queue`, `handover`, `stall`, progress `curve`) are off by
+default and draw after everything else, so a file that does not use them plans exactly as before.
 """
 
 from __future__ import annotations
@@ -10,14 +13,13 @@ from __future__ import annotations
 import math
 import random
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from monitor.errors import UsageError
 from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit, parse_rate_limit
+from monitor.simulator.fields import Fields, ScenarioError, shown
 
 
 class PlannedOutcome(StrEnum):
@@ -31,7 +33,8 @@ class PlannedOutcome(StrEnum):
 class ProgressKind(StrEnum):
     """How a running execution reports progress."""
 
-    LINEAR = "linear"  # proportional to elapsed time, plus gaussian noise
+    LINEAR = "linear"  # proportional to the run's elapsed time, plus gaussian noise
+    CURVE = "curve"  # 100 * f**shape of the run fraction f, plus gaussian noise
     NONE = "none"  # 0 until the end
     STEPS = "steps"  # a few uneven jumps, as a job that reports at checkpoints
 
@@ -44,14 +47,18 @@ class DurationDist(StrEnum):
     FIXED = "fixed"  # s
 
 
-class ScenarioError(UsageError):
-    """A scenario file that cannot be used; the message names the file and the key."""
+class StallThen(StrEnum):
+    """What a stalled run does once its stall is over."""
+
+    RESUME = "resume"  # goes on where it stopped; its end moves later by the stall's length
+    FAIL = "fail"  # ends failed at the end of the stall
 
 
 @dataclass(frozen=True)
 class ProgressModel:
     model: str  # a ProgressKind value
     noise: float = 0.0  # standard deviation, in percentage points, of the noise on each answer
+    shape: float = 1.0  # the exponent of the curve model (1: a straight line)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,32 @@ class Duration:
 
 
 @dataclass(frozen=True)
+class StallSpec:
+    """A group's `stall` key: which share of its runs freeze, for how long, and what then."""
+
+    fraction: float
+    for_s: Duration
+    then: str  # a StallThen value
+
+
+@dataclass(frozen=True)
+class Stall:
+    """One execution's stall, in seconds after its creation: progress and updated_at stand still in [at, until)."""
+
+    at_s: float
+    for_s: float
+    then: str  # a StallThen value
+
+    @property
+    def until_s(self) -> float:
+        return self.at_s + self.for_s
+
+    def at_speed(self, speed: float) -> Stall:
+        """The same stall on a clock running `speed` times faster."""
+        return Stall(self.at_s / speed, self.for_s / speed, self.then)
+
+
+@dataclass(frozen=True)
 class Group:
     count: int
     arrival_from_s: float
@@ -86,6 +119,10 @@ class Group:
     outcomes: tuple[tuple[str, float], ...]  # (PlannedOutcome value, weight)
     progress: ProgressModel
     not_found: float = 0.0
+    kind: str | None = None  # handed to the monitor as the label kind
+    queue: Duration | None = None  # the wait before the run starts (None: it starts at creation)
+    handover: tuple[float, float] | None = None  # fractions of the run (None: handed over at creation)
+    stall: StallSpec | None = None
 
 
 DEFAULT_OUTCOMES: tuple[tuple[str, float], ...] = (
@@ -101,13 +138,26 @@ DEFAULT_DURATION = Duration(DurationDist.LOGNORMAL, median_s=60.0, sigma=0.5, mi
 @dataclass(frozen=True)
 class PlannedExecution:
     execution_id: str
-    arrival_s: float  # seconds after the start of the scenario when it is created and handed over
-    duration_s: float  # nominal duration
+    arrival_s: float  # seconds after the start of the scenario when it is created
+    duration_s: float  # nominal duration of the run (after any queue, stall aside)
     outcome: str  # a PlannedOutcome value
-    end_s: float  # seconds after creation when it ends (== duration_s for completed)
+    end_s: float  # seconds after creation when it ends: queue + run (duration_s for completed) + stall
     progress: ProgressModel
     exists: bool = True  # False: an ID handed to the monitor that never existed (not_found)
     seed: int = 0  # seeds this execution's progress steps and noise
+    queue_s: float = 0.0  # seconds after creation when the run starts
+    stall: Stall | None = None
+    handover_s: float = 0.0  # seconds after creation when the bench hands it to the monitor
+    kind: str | None = None
+
+
+def stalled_end(outcome: str, end_s: float, stall: Stall | None) -> tuple[str, float]:
+    """The outcome and the end (seconds after creation) of a run that would end at end_s, once `stall` applies."""
+    if stall is None:
+        return outcome, end_s
+    if stall.then == StallThen.FAIL:
+        return PlannedOutcome.FAILED, stall.until_s
+    return outcome, end_s + stall.for_s
 
 
 @dataclass(frozen=True)
@@ -143,7 +193,21 @@ def plan_one(seed: str, index: int, group: Group, taken: set[str]) -> PlannedExe
     end_fraction = rng.random()
     exists = rng.random() >= group.not_found
     exec_seed = rng.getrandbits(63)
-    end_s = duration_s if outcome == PlannedOutcome.COMPLETED else duration_s * end_fraction
+    # The optional models: one fixed draw each (a sub-generator where a distribution is sampled).
+    queue_rng = random.Random(rng.getrandbits(64))
+    handover_draw, stall_roll, stall_point = rng.random(), rng.random(), rng.random()
+    stall_rng = random.Random(rng.getrandbits(64))
+
+    queue_s = 0.0 if group.queue is None else group.queue.sample(queue_rng)
+    run_s = duration_s if outcome == PlannedOutcome.COMPLETED else duration_s * end_fraction
+    stall = None
+    if group.stall is not None and stall_roll < group.stall.fraction:
+        stall = Stall(queue_s + stall_point * run_s, group.stall.for_s.sample(stall_rng), group.stall.then)
+    outcome, end_s = stalled_end(outcome, queue_s + run_s, stall)
+    handover_s = 0.0
+    if group.handover is not None:
+        low, high = group.handover
+        handover_s = queue_s + (low + (high - low) * handover_draw) * (end_s - queue_s)  # of the run as it goes
     return PlannedExecution(
         execution_id=execution_id,
         arrival_s=arrival_s,
@@ -153,6 +217,10 @@ def plan_one(seed: str, index: int, group: Group, taken: set[str]) -> PlannedExe
         progress=group.progress,
         exists=exists,
         seed=exec_seed,
+        queue_s=queue_s,
+        stall=stall,
+        handover_s=handover_s,
+        kind=group.kind,
     )
 
 
@@ -184,6 +252,9 @@ def default_scenario(count: int, seed: int) -> Scenario:
 # ---------------------------------------------------------------------------------------------
 # Parsing: strict, like the config file. Unknown keys are errors; each message names file and key.
 
+_GROUP_KEYS = ("count", "arrival", "duration", "outcomes", "progress", "not_found")
+_OPTIONAL_GROUP_KEYS = ("kind", "queue", "handover", "stall")  # the models beyond a straight line
+
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file. Raises ScenarioError (a UsageError) with a one-line message."""
@@ -202,7 +273,7 @@ def load_scenario(path: str | Path) -> Scenario:
 
 def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
     """Validate an already decoded scenario. `source` names it in messages (usually the file path)."""
-    fields = _Fields(data, source, "")
+    fields = Fields(data, source, "")
     fields.only("name", "seed", "rate_limit", "groups")
     name = fields.string("name", default=Path(source).stem)
     seed = fields.integer("seed", default=0)
@@ -213,7 +284,7 @@ def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
         raise ScenarioError(f"{source}: rate_limit: {exc}") from None
     raw_groups = data.get("groups")
     if not isinstance(raw_groups, list) or not raw_groups:
-        found = _shown(raw_groups)
+        found = shown(raw_groups)
         raise ScenarioError(f"{source}: groups: expected at least one [[groups]] table, found {found}")
     groups = tuple(_parse_group(item, source, f"groups[{i}]") for i, item in enumerate(raw_groups))
     return Scenario(name=name, seed=seed, rate_limit=rate_limit, groups=groups)
@@ -221,9 +292,9 @@ def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
 
 def _parse_group(item: object, source: str, where: str) -> Group:
     if not isinstance(item, dict):
-        raise ScenarioError(f"{source}: {where}: expected a table, found {_shown(item)}")
-    fields = _Fields(item, source, where)
-    fields.only("count", "arrival", "duration", "outcomes", "progress", "not_found")
+        raise ScenarioError(f"{source}: {where}: expected a table, found {shown(item)}")
+    fields = Fields(item, source, where)
+    fields.only(*_GROUP_KEYS, *_OPTIONAL_GROUP_KEYS)
     count = fields.integer("count", minimum=0)
     arrival = fields.table("arrival", default={"from_s": 0, "to_s": 0})
     arrival.only("from_s", "to_s")
@@ -231,15 +302,41 @@ def _parse_group(item: object, source: str, where: str) -> Group:
     to_s = arrival.number("to_s", default=from_s, minimum=from_s)
     duration = _parse_duration(fields.table("duration"))
     outcomes = _parse_outcomes(fields.table("outcomes", default=dict(DEFAULT_OUTCOMES)))
-    progress_fields = fields.table("progress", default={"model": DEFAULT_PROGRESS.model})
-    progress_fields.only("model", "noise")
-    model = progress_fields.choice("model", ProgressKind)
-    noise = progress_fields.number("noise", default=0.0, minimum=0.0)
+    progress = _parse_progress(fields.table("progress", default={"model": DEFAULT_PROGRESS.model}))
     not_found = fields.number("not_found", default=0.0, minimum=0.0, maximum=1.0)
-    return Group(count, from_s, to_s, duration, outcomes, ProgressModel(model, noise), not_found)
+    kind = fields.data.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        raise fields.fail("kind", "a non-empty string")
+    queue = fields.optional_table("queue")
+    handover = fields.optional_table("handover")
+    stall = fields.optional_table("stall")
+    return Group(
+        count,
+        from_s,
+        to_s,
+        duration,
+        outcomes,
+        progress,
+        not_found,
+        kind=kind,
+        queue=None if queue is None else _parse_duration(queue),
+        handover=None if handover is None else _parse_handover(handover),
+        stall=None if stall is None else _parse_stall(stall),
+    )
 
 
-def _parse_duration(fields: _Fields) -> Duration:
+def _parse_progress(fields: Fields) -> ProgressModel:
+    fields.only("model", "noise", "shape")
+    model = fields.choice("model", ProgressKind)
+    noise = fields.number("noise", default=0.0, minimum=0.0)
+    if model != ProgressKind.CURVE:
+        if "shape" in fields.data:
+            raise ScenarioError(f'{fields.source}: {fields.key("shape")}: only model = "curve" takes a shape')
+        return ProgressModel(model, noise)
+    return ProgressModel(model, noise, fields.number("shape", minimum=0.0, exclusive=True))
+
+
+def _parse_duration(fields: Fields) -> Duration:
     fields.only("dist", "median_s", "sigma", "min_s", "max_s", "s")
     dist = fields.choice("dist", DurationDist)
     min_s = fields.optional_number("min_s", minimum=0.0)
@@ -256,7 +353,7 @@ def _parse_duration(fields: _Fields) -> Duration:
     return Duration(dist, s=s, min_s=min_s, max_s=max_s)
 
 
-def _parse_outcomes(fields: _Fields) -> tuple[tuple[str, float], ...]:
+def _parse_outcomes(fields: Fields) -> tuple[tuple[str, float], ...]:
     fields.only(*PlannedOutcome)
     pairs = tuple((o.value, fields.number(o.value, default=0.0, minimum=0.0)) for o in PlannedOutcome)
     if sum(weight for _, weight in pairs) <= 0:
@@ -264,90 +361,14 @@ def _parse_outcomes(fields: _Fields) -> tuple[tuple[str, float], ...]:
     return tuple(pair for pair in pairs if pair[1] > 0)
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+def _parse_handover(fields: Fields) -> tuple[float, float]:
+    fields.only("from", "to")
+    low = fields.number("from", default=0.0, minimum=0.0, maximum=1.0)
+    return low, fields.number("to", default=low, minimum=low, maximum=1.0)
 
 
-class _Fields:
-    """Typed reads from one TOML table, each failure naming `source` and the dotted key."""
-
-    def __init__(self, data: Mapping[str, Any], source: str, where: str) -> None:
-        self.data = data
-        self.source = source
-        self.where = where
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def fail(self, name: str, expected: str) -> ScenarioError:
-        found = _shown(self.data[name]) if name in self.data else "nothing"
-        return ScenarioError(f"{self.source}: {self.key(name)}: expected {expected}, found {found}")
-
-    def only(self, *allowed: str) -> None:
-        for name in self.data:
-            if name not in allowed:
-                raise ScenarioError(f"{self.source}: {self.key(name)}: unknown key (allowed: {', '.join(allowed)})")
-
-    def string(self, name: str, *, default: str) -> str:
-        value = self.data.get(name, default)
-        if not isinstance(value, str):
-            raise self.fail(name, "a string")
-        return value
-
-    def integer(self, name: str, *, default: int | None = None, minimum: int | None = None) -> int:
-        value = self.data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            raise self.fail(name, "an integer" + ("" if minimum is None else f" >= {minimum}"))
-        return value
-
-    def number(
-        self,
-        name: str,
-        *,
-        default: float | None = None,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        exclusive: bool = False,
-    ) -> float:
-        value = self.optional_number(name, minimum=minimum, maximum=maximum, exclusive=exclusive)
-        if value is None:
-            if default is None:
-                raise self.fail(name, "a number")
-            return default
-        return value
-
-    def optional_number(
-        self,
-        name: str,
-        *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        exclusive: bool = False,
-    ) -> float | None:
-        if name not in self.data:
-            return None
-        value = self.data[name]
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if ok and minimum is not None:
-            ok = value > minimum if exclusive else value >= minimum
-        if ok and maximum is not None:
-            ok = value <= maximum
-        if not ok:
-            bounds = "" if minimum is None else (f" > {minimum:g}" if exclusive else f" >= {minimum:g}")
-            bounds += "" if maximum is None else f" and <= {maximum:g}"
-            raise self.fail(name, f"a number{bounds}")
-        return float(value)
-
-    def choice(self, name: str, kinds: type[StrEnum]) -> str:
-        value = self.data.get(name)
-        allowed = [k.value for k in kinds]
-        if value not in allowed:
-            raise self.fail(name, "one of " + ", ".join(repr(a) for a in allowed))
-        return str(value)
-
-    def table(self, name: str, *, default: Mapping[str, Any] | None = None) -> _Fields:
-        value = self.data.get(name, default)
-        if not isinstance(value, Mapping):
-            raise self.fail(name, "a table, e.g. " + name + " = { ... }")
-        return _Fields(value, self.source, self.key(name))
+def _parse_stall(fields: Fields) -> StallSpec:
+    fields.only("fraction", "for_s", "then")
+    fraction = fields.number("fraction", minimum=0.0, maximum=1.0)
+    for_s = _parse_duration(fields.table("for_s"))
+    return StallSpec(fraction, for_s, fields.choice("then", StallThen, default=StallThen.RESUME))

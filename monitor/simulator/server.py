@@ -37,7 +37,10 @@ from monitor.simulator.scenario import (
     PlannedExecution,
     PlannedOutcome,
     ProgressModel,
+    Stall,
+    StallThen,
     pick_outcome,
+    stalled_end,
     unique_id,
 )
 
@@ -96,6 +99,9 @@ class ExecutionTruth:
     created_at: float  # loop time
     ended_at: float | None  # loop time of the scheduled end; None while running
     polls: int  # status requests naming it that passed the key check, whatever the answer
+    stalled_from: float | None = None  # loop times of its stall (planned); None if it never stalls
+    stalled_until: float | None = None
+    kind: str | None = None
 
 
 SIMULATOR_KEY: web.AppKey[Simulator] = web.AppKey("simulator")
@@ -137,12 +143,15 @@ class Simulator:
         duration_s: float = 60.0,
         outcome: str | None = None,
         progress: ProgressModel | None = None,
+        stall: Stall | None = None,
     ) -> list[str]:
-        """Create executions now, as POST /_sim/executions does; they end at duration_s / speed.
+        """Create executions now, as POST /_sim/executions does; they end at duration_s / speed
+        (a stall, in the same seconds, freezes them and moves or fails that end).
 
         Raises SimulatorRequestError (400) for bad values, ExecutionExists (409) for a taken ID.
         """
         wanted = _validate_create(count, ids, duration_s, outcome)
+        _validate_stall(stall, duration_s)
         if ids is not None:
             for execution_id in ids:
                 if execution_id in self._taken:
@@ -154,14 +163,16 @@ class Simulator:
         for i in range(wanted):
             execution_id = ids[i] if ids is not None else unique_id(rng, self._taken)
             self._taken.add(execution_id)
+            ends_as, end_s = stalled_end(outcome or pick_outcome(rng, DEFAULT_OUTCOMES), duration_s, stall)
             planned = PlannedExecution(
                 execution_id=execution_id,
                 arrival_s=0.0,
                 duration_s=duration_s,
-                outcome=outcome or pick_outcome(rng, DEFAULT_OUTCOMES),
-                end_s=duration_s,
+                outcome=ends_as,
+                end_s=end_s,
                 progress=progress or DEFAULT_PROGRESS,
                 seed=rng.getrandbits(63),
+                stall=stall,
             )
             self._insert(planned, now)
             created.append(execution_id)
@@ -200,6 +211,9 @@ class Simulator:
             outcome=planned.outcome,
             progress=planned.progress,
             seed=planned.seed,
+            queue_s=planned.queue_s / speed,
+            stall=None if planned.stall is None else planned.stall.at_speed(speed),
+            kind=planned.kind,
         )
 
     def revoke(self, key: str) -> None:
@@ -221,6 +235,9 @@ class Simulator:
                 created_at=e.created_at,
                 ended_at=e.ended_at(now),
                 polls=e.polls,
+                stalled_from=e.stalled_from,
+                stalled_until=e.stalled_until,
+                kind=e.kind,
             )
             for e in self._arrived(now)
         ]
@@ -339,6 +356,17 @@ def _validate_create(count: int | None, ids: list[str] | None, duration_s: float
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_CREATE:
         raise SimulatorRequestError(f"'count' must be an integer from 1 to {MAX_CREATE}")
     return count
+
+
+def _validate_stall(stall: Stall | None, duration_s: float) -> None:
+    if stall is None:
+        return
+    if not 0 <= stall.at_s < duration_s:
+        raise SimulatorRequestError("'stall.at_s' must be a number of seconds >= 0 and before 'duration_s'")
+    if not (math.isfinite(stall.for_s) and stall.for_s > 0):
+        raise SimulatorRequestError("'stall.for_s' must be a number of seconds > 0")
+    if stall.then not in tuple(StallThen):
+        raise SimulatorRequestError(f"'stall.then' must be one of {', '.join(StallThen)}")
 
 
 async def start_simulator(

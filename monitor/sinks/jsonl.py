@@ -1,10 +1,11 @@
 """The jsonl sink: one complete JSON line per record, appended, never twice for one event_id.
 
 Each line goes out in ONE `os.write` on an O_APPEND descriptor, so a killed process never leaves
-half a line behind. On open the file's event_ids are read back, so a redelivery (after a crash,
-or from a run whose state file was lost) writes nothing. A torn last line (power loss, another
-writer) is skipped and the next line starts on a fresh line. Lines are fsynced before `send`
-returns; concurrent sends share one fsync (group commit).
+half a line behind. On open the event_ids of the file's last lines are read back (not the whole
+file: see `monitor.sinks.recent` for why the recent ones are enough), so a redelivery after a crash
+writes nothing; memory and start-up time stay bounded however long the file grows. A torn last
+line (power loss, another writer) is skipped and the next line starts on a fresh line. Lines are
+fsynced before `send` returns; concurrent sends share one fsync (group commit).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from monitor.sinks.base import (
     optional_int,
     required_str,
 )
+from monitor.sinks.recent import RECENT_EVENT_IDS, RecentIds
 
 _READ_CHUNK = 1 << 20
+_TAIL_MAX_BYTES = 64 << 20  # the start-up read stops here even if the last lines are huge
 
 
 class JsonlSink(BaseSink):
@@ -39,7 +42,7 @@ class JsonlSink(BaseSink):
         self.concurrency = concurrency
         self._lock = threading.Lock()  # guards the descriptor, the seen set and the counters
         self._fd: int | None = None
-        self._seen: dict[str, int] = {}  # event_id -> write number (0: already in the file at open)
+        self._seen = RecentIds()  # event_id -> write number (0: already in the file at open)
         self._needs_newline = False
         self._written = 0
         self._synced = 0
@@ -73,13 +76,16 @@ class JsonlSink(BaseSink):
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            seen, torn = _scan(self.path)
+            seen, torn = _scan_tail(self.path, RECENT_EVENT_IDS)
         except BaseException:
             os.close(fd)
             raise
+        recent = RecentIds()
+        for event_id in seen:
+            recent.add(event_id)
         with self._lock:
             self._fd = fd
-            self._seen = dict.fromkeys(seen, 0)
+            self._seen = recent
             self._needs_newline = torn
 
     async def send(self, record: dict[str, Any]) -> None:
@@ -99,8 +105,9 @@ class JsonlSink(BaseSink):
         with self._lock:
             if self._fd is None:
                 raise DeliveryError("the jsonl sink is closed")
-            if event_id in self._seen:
-                return self._seen[event_id]
+            number = self._seen.get(event_id)
+            if number is not None:
+                return number
             if self._needs_newline:
                 data = b"\n" + data  # the previous line was torn: never glue onto it
             written = os.write(self._fd, data)
@@ -109,7 +116,7 @@ class JsonlSink(BaseSink):
                 raise DeliveryError(f"short write to {self.path} ({written} of {len(data)} bytes)")
             self._needs_newline = False
             self._written += 1
-            self._seen[event_id] = self._written
+            self._seen.add(event_id, self._written)
             return self._written
 
     async def _sync_through(self, number: int) -> None:
@@ -155,16 +162,25 @@ def _why_unwritable(path: Path) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"directory {str(parent)!r} is not writable"
 
 
-def _scan(path: Path) -> tuple[list[str], bool]:
-    """The event_ids already in the file, and whether its last line is torn (no final newline)."""
-    ids: list[str] = []
-    tail = b""
+def _scan_tail(path: Path, lines: int) -> tuple[list[str], bool]:
+    """The event_ids of the file's last `lines` lines (oldest first), and whether its last line is
+    torn (no final newline). Reads backwards from the end, at most about _TAIL_MAX_BYTES."""
+    chunks: list[bytes] = []
+    newlines = 0
     with path.open("rb") as handle:
-        while chunk := handle.read(_READ_CHUNK):
-            lines = (tail + chunk).split(b"\n")
-            tail = lines.pop()  # the part after the last newline: complete only at EOF, if ever
-            ids.extend(i for i in map(_event_id_of, lines) if i)
-    return ids, bool(tail)  # a non-empty tail has no newline: torn, skipped
+        start = handle.seek(0, os.SEEK_END)
+        end = start
+        while start > 0 and newlines <= lines and end - start < _TAIL_MAX_BYTES:
+            size = min(_READ_CHUNK, start)
+            start -= size
+            handle.seek(start)
+            chunks.append(handle.read(size))
+            newlines += chunks[-1].count(b"\n")
+    pieces = b"".join(reversed(chunks)).split(b"\n")
+    torn = bool(pieces.pop())  # what follows the last newline: a line without its end, skipped
+    if start > 0:
+        pieces = pieces[1:]  # the first may be the end of a line that was not read whole
+    return [i for i in map(_event_id_of, pieces[-lines:]) if i], torn
 
 
 def _event_id_of(line: bytes) -> str | None:

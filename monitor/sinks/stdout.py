@@ -9,6 +9,7 @@ from typing import Any, Self
 
 from monitor.config import SinkConfig
 from monitor.sinks.base import BaseSink, DeliveryError, encode_record
+from monitor.sinks.recent import RecentIds
 
 
 class StdoutSink(BaseSink):
@@ -18,7 +19,7 @@ class StdoutSink(BaseSink):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._written: set[str] = set()  # a retry after a timed-out (but finished) write adds no line
+        self._written = RecentIds()  # a retry after a timed-out (but finished) write adds no line
 
     @classmethod
     def from_options(cls, options: dict[str, Any], common: SinkConfig) -> Self:
@@ -42,4 +43,4 @@ class StdoutSink(BaseSink):
             out.write(line)
             out.flush()
             if event_id:
-                self._written.add(event_id)
+                self._written.add(event_id)  # the oldest is forgotten: bounded for a long-lived process

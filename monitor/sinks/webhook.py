@@ -1,5 +1,14 @@
 """The webhook sink: POST each record as JSON, signed, with its event_id as the Idempotency-Key.
 
+With secrets (`secret_env`, `secret_envs` for rotation) every post is signed twice over:
+- Standard Webhooks (standardwebhooks.com): `webhook-id` (the event_id), `webhook-timestamp` (Unix
+  seconds of this attempt) and `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`,
+  one space-separated signature per secret. A secret `whsec_<base64>` is the spec's form: the key is
+  the decoded bytes; any other secret is used as its UTF-8 bytes (the `standardwebhooks` package
+  verifies those when given the bytes, not the string, which it would base64-decode);
+- `X-Execmon-Signature: sha256=<hex HMAC-SHA256 of the body>` keyed with the first secret's text,
+  as before.
+
 2xx: delivered. 408, 429, 5xx, timeouts and connection errors: retried (Retry-After honoured).
 Any other status: permanent, a dead letter whose reason carries the status. Redirects are not
 followed (a moved hook is a configuration problem). The URL is treated as a secret (chat hook
@@ -8,11 +17,14 @@ URLs carry tokens in the path): messages name only its scheme, host and port.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Self
 
 import aiohttp
@@ -37,23 +49,64 @@ RETRYABLE_STATUS = frozenset({408, 425, 429})
 RETRY_AFTER_CAP_S = 3600.0  # the engine caps it again at the sink's backoff_cap_s
 _SNIPPET_BYTES = 300
 _SENSITIVE_HEADER = re.compile(r"auth|token|key|secret|cookie|signature|password", re.IGNORECASE)
-_RESERVED_HEADERS = frozenset({"content-type", "idempotency-key", "x-execmon-signature", "content-length"})
+_RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "idempotency-key",
+        "x-execmon-signature",
+        "content-length",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+)
+_WHSEC_PREFIX = "whsec_"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class SigningSecret:
+    """One webhook secret: its text (X-Execmon-Signature's key) and its Standard Webhooks key bytes."""
+
+    text: Secret
+    key: bytes
+
+    @classmethod
+    def parse(cls, value: str, where: str) -> SigningSecret:
+        """`whsec_<base64>` gives the decoded bytes as the key; anything else its UTF-8 bytes."""
+        if not value.startswith(_WHSEC_PREFIX):
+            return cls(Secret(value), value.encode())
+        encoded = value[len(_WHSEC_PREFIX) :]
+        try:  # padding is optional, as the spec's own libraries accept it
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not key:
+            raise UsageError(f"{where}: a secret starting with {_WHSEC_PREFIX} must be base64 after the prefix")
+        return cls(Secret(value), key)
+
+
+def standard_signature(secrets: list[SigningSecret], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks `webhook-signature` value: `v1,<base64>` per secret, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(s.key, signed, hashlib.sha256).digest()).decode() for s in secrets
+    )
 
 
 class WebhookSink(BaseSink):
-    KEYS = ("url", "secret_env", "headers", "concurrency")
+    KEYS = ("url", "secret_env", "secret_envs", "headers", "concurrency")
 
     def __init__(
         self,
         url: URL,
         *,
-        secret: Secret | None = None,
+        secrets: list[SigningSecret] | None = None,
         headers: dict[str, str] | None = None,
         concurrency: int = 4,
         timeout_s: float = 10.0,
     ) -> None:
         self._url = url
-        self._secret = secret
+        self._secrets = list(secrets or [])
         self._headers = dict(headers or {})
         self.concurrency = concurrency
         self._timeout_s = timeout_s
@@ -61,22 +114,12 @@ class WebhookSink(BaseSink):
         self.target = f"{url.scheme}://{url.host}:{url.port}"  # what messages may show
 
     def __repr__(self) -> str:
-        return f"WebhookSink({self.target}, signed={self._secret is not None})"
+        return f"WebhookSink({self.target}, signed={bool(self._secrets)})"
 
     @classmethod
     def from_options(cls, options: dict[str, Any], common: SinkConfig) -> Self:
         cls.check_keys(options, common)
         url = check_hook_url(required_str(options, common, "url", "an http(s) URL"), common)
-        secret = None
-        secret_env = optional_str(options, common, "secret_env", "the name of an environment variable")
-        if secret_env is not None:
-            value = os.environ.get(secret_env, "")
-            if not value:
-                raise UsageError(
-                    f"{common.where('secret_env')}: environment variable {secret_env} is not set "
-                    "(it must hold the webhook signing secret)"
-                )
-            secret = Secret(value)
         headers = optional_str_map(options, common, "headers")
         for name, value in headers.items():
             if name.lower() in _RESERVED_HEADERS:
@@ -85,7 +128,7 @@ class WebhookSink(BaseSink):
                 register_secret(value)
         return cls(
             url,
-            secret=secret,
+            secrets=_secrets_from(options, common),
             headers=headers,
             concurrency=optional_int(options, common, "concurrency", 4, 1),
             timeout_s=common.timeout_s,
@@ -105,10 +148,15 @@ class WebhookSink(BaseSink):
 
     def headers_for(self, record: dict[str, Any], body: bytes) -> dict[str, str]:
         headers = {**self._headers, "Content-Type": "application/json"}
-        headers["Idempotency-Key"] = str(record.get("event_id", ""))
-        if self._secret is not None:
-            digest = hmac.new(self._secret.reveal().encode(), body, hashlib.sha256).hexdigest()
+        event_id = str(record.get("event_id", ""))
+        headers["Idempotency-Key"] = event_id
+        if self._secrets:
+            digest = hmac.new(self._secrets[0].text.reveal().encode(), body, hashlib.sha256).hexdigest()
             headers["X-Execmon-Signature"] = f"sha256={digest}"
+            timestamp = int(time.time())  # this attempt's: receivers refuse old ones (replays)
+            headers["webhook-id"] = event_id
+            headers["webhook-timestamp"] = str(timestamp)
+            headers["webhook-signature"] = standard_signature(self._secrets, event_id, timestamp, body)
         return headers
 
     async def send(self, record: dict[str, Any]) -> None:
@@ -134,6 +182,31 @@ class WebhookSink(BaseSink):
             wait = parse_retry_after(resp.headers.get("Retry-After"), time.time(), RETRY_AFTER_CAP_S)
             return DeliveryError(f"HTTP {status} from {self.target}{said}", retry_after_s=wait)
         return DeliveryError(f"HTTP {status} from {self.target} (not retried){said}", retryable=False)
+
+
+def _secrets_from(options: dict[str, Any], common: SinkConfig) -> list[SigningSecret]:
+    """The signing secrets, from the variables named by `secret_env` and `secret_envs` (in order)."""
+    names: list[tuple[str, str]] = []
+    single = optional_str(options, common, "secret_env", "the name of an environment variable")
+    if single is not None:
+        names.append(("secret_env", single))
+    several = options.get("secret_envs", [])
+    if not isinstance(several, list) or not all(isinstance(n, str) and n.strip() for n in several):
+        raise common.error("secret_envs", "a list of environment variable names", several)
+    names += [("secret_envs", name) for name in several]
+    secrets: list[SigningSecret] = []
+    seen: set[str] = set()
+    for key, name in names:
+        if name in seen:
+            continue  # named twice: one signature is enough
+        seen.add(name)
+        value = os.environ.get(name, "")
+        if not value:
+            raise UsageError(
+                f"{common.where(key)}: environment variable {name} is not set (it must hold a webhook signing secret)"
+            )
+        secrets.append(SigningSecret.parse(value, f"{common.where(key)} (variable {name})"))
+    return secrets
 
 
 def check_hook_url(raw: str, common: SinkConfig) -> URL:

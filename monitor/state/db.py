@@ -2,7 +2,9 @@
 sqlite errors are reported.
 
 A state file is only ever opened by one process for writing. The lock is an `flock` on a
-sibling `<path>.lock` file, so the kernel releases it when the process dies, even on kill -9.
+sibling `<real path>.lock` file (symlinks resolved, so that two names of one file share one lock),
+so the kernel releases it when the process dies, even on kill -9. The state file and its lock are
+created 0600 whatever the umask; sqlite gives the -wal and -shm files the database file's mode.
 A file this version cannot read (a newer schema, a corrupt or foreign file) is refused with a
 message that says what to do; it is never overwritten.
 
@@ -24,6 +26,7 @@ from monitor._version import __version__
 from monitor.errors import ExecmonError, StoreFault, UsageError
 
 SCHEMA_VERSION = 2
+_PRIVATE = 0o600  # the state file and its lock: results, labels and the schedule are nobody else's
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -45,7 +48,9 @@ CREATE TABLE executions (
     record_json TEXT
 );
 CREATE INDEX executions_by_batch ON executions (batch) WHERE batch IS NOT NULL;
-CREATE INDEX executions_by_outcome ON executions (terminal_outcome);
+CREATE INDEX executions_by_outcome ON executions (terminal_outcome, tracked_since, execution_id);
+CREATE INDEX executions_by_tracked ON executions (tracked_since, execution_id);
+CREATE INDEX executions_by_terminal_at ON executions (terminal_at) WHERE terminal_at IS NOT NULL;
 CREATE TABLE batches (
     batch TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -54,6 +59,7 @@ CREATE TABLE batches (
     digest_at REAL,
     created_at REAL NOT NULL
 );
+CREATE INDEX batches_by_digest_at ON batches (digest_at) WHERE digest_at IS NOT NULL;
 CREATE TABLE outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL,
@@ -70,6 +76,8 @@ CREATE TABLE outbox (
     UNIQUE (event_id, sink)
 );
 CREATE INDEX outbox_by_sink_state ON outbox (sink, state, next_attempt_at);
+CREATE INDEX outbox_by_execution ON outbox (execution_id, state);
+CREATE INDEX outbox_by_state ON outbox (state, updated_at);
 CREATE TABLE budget (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     stamp REAL NOT NULL,
@@ -83,38 +91,83 @@ class StateError(UsageError):
     """The state file cannot be used (in use, newer, corrupt, unreachable). Exit status 2."""
 
 
+class StateInUse(StateError):
+    """Another execmon holds the state file (a daemon may then do the job through its control API)."""
+
+
 class FileLock:
-    """An exclusive `flock` on `<state>.lock` holding the owner's pid (for the error message)."""
+    """An exclusive `flock` on `<state>.lock` holding the owner's pid (for the error message).
+
+    A clean close leaves a mark there instead: the state file's inode, size, mtime and ctime once
+    sqlite had closed it. The next owner that finds the file as marked knows that nothing changed
+    it since: it was checked when it was opened and only sqlite wrote it, so it is not read whole
+    again (quick_check reads every page: seconds for a big file). After a crash there is no mark.
+    """
 
     def __init__(self, state_path: Path) -> None:
-        self.path = state_path.with_name(state_path.name + ".lock")
+        real = state_path.resolve()  # a symlink to the file (or to its directory) takes the same lock
+        self.path = real.with_name(real.name + ".lock")
+        self.state = real
         self._fd: int | None = None
+        self._found = ""  # what the previous owner left in the lock file
 
     def acquire(self, state_path: Path) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _PRIVATE)
         except OSError as exc:
             raise StateError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):  # whatever the umask; a lock file someone else owns stays as it is
+            os.fchmod(fd, _PRIVATE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _read_pid(fd)
             os.close(fd)
             who = f" (pid {owner})" if owner else ""
-            raise StateError(
+            raise StateInUse(
                 f"state file {state_path} is in use by another execmon{who}; stop it first, "
                 "or give this one another state file"
             ) from None
+        self._found = _read_text(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
-    def release(self) -> None:
+    def unchanged_since_clean_close(self) -> bool:
+        """The state file is exactly as the last owner left it when it closed cleanly."""
+        return self._found.startswith(_CLEAN) and self._found == _clean_mark(self.state)
+
+    def release(self, *, clean: bool = False) -> None:
+        """Drop the lock; `clean`: sqlite closed the file after work that met no fault, mark it."""
         if self._fd is not None:
+            mark = _clean_mark(self.state) if clean else None
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
+                if mark:
+                    os.pwrite(self._fd, mark.encode(), 0)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+_CLEAN = "closed "
+
+
+def _clean_mark(state: Path) -> str | None:
+    """What tells a changed file without reading it; None while a -wal file holds more of it."""
+    try:
+        if state.with_name(state.name + "-wal").exists():
+            return None
+        st = state.stat()
+    except OSError:
+        return None
+    return f"{_CLEAN}{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+
+
+def _read_text(fd: int) -> str:
+    try:
+        return os.pread(fd, 256, 0).decode("ascii", "replace")
+    except OSError:
+        return ""
 
 
 def _read_pid(fd: int) -> int | None:
@@ -131,8 +184,9 @@ _NO_ACCESS = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH"
 _TRANSIENT = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED")
 
 
-def connect(path: Path | None, *, read_only: bool) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL journal, file checked.
+def connect(path: Path | None, *, read_only: bool, checked: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL journal, file checked
+    (`checked=True`: unchanged since an earlier check, see FileLock; its schema is still checked).
 
     `path=None` gives a private in-memory database with the same schema (nothing to check).
     """
@@ -148,7 +202,9 @@ def connect(path: Path | None, *, read_only: bool) -> sqlite3.Connection:
     if read_only:
         conn = _sqlite_connect(f"{path.resolve().as_uri()}?mode=ro", path, uri=True)
     else:
-        conn = _sqlite_connect(str(path), path, uri=False)
+        real = path.resolve()  # the file the lock is named after
+        _create_private(real, path)
+        conn = _sqlite_connect(str(real), path, uri=False)
     conn.row_factory = sqlite3.Row
     try:
         if not read_only:
@@ -157,7 +213,8 @@ def connect(path: Path | None, *, read_only: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         _check_or_create_schema(conn, path, read_only=read_only)
-        _check_integrity(conn, path)
+        if not checked:
+            _check_integrity(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise _open_error(path, exc) from None
@@ -165,6 +222,21 @@ def connect(path: Path | None, *, read_only: bool) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _create_private(real: Path, path: Path) -> None:
+    """Create a new state file 0600 before sqlite does (sqlite would use the umask, and gives the
+    -wal and -shm files the database file's mode). An existing file keeps its mode."""
+    try:
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _PRIVATE)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StateError(f"cannot create state file {path}: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, _PRIVATE)  # whatever the umask
+    finally:
+        os.close(fd)
 
 
 def _sqlite_connect(target: str, path: Path | None, *, uri: bool) -> sqlite3.Connection:
@@ -205,6 +277,18 @@ def _fault(path: Path | None, exc: sqlite3.Error | OSError) -> StoreFault:
     return StoreFault(f"{_describe(path)}: {exc}" + (f" ({name})" if name else ""))
 
 
+# 1 -> 2, bounded state: every request path and the pruning find their rows through an index
+# (lists in their order, an execution's outbox rows, rows by state and age, ended executions by age).
+_INDEXES_V2 = (
+    "DROP INDEX executions_by_outcome",
+    "CREATE INDEX executions_by_outcome ON executions (terminal_outcome, tracked_since, execution_id)",
+    "CREATE INDEX executions_by_tracked ON executions (tracked_since, execution_id)",
+    "CREATE INDEX executions_by_terminal_at ON executions (terminal_at) WHERE terminal_at IS NOT NULL",
+    "CREATE INDEX batches_by_digest_at ON batches (digest_at) WHERE digest_at IS NOT NULL",
+    "CREATE INDEX outbox_by_execution ON outbox (execution_id, state)",
+    "CREATE INDEX outbox_by_state ON outbox (state, updated_at)",
+)
+
 # From each schema version to the next, applied in order at open, in one transaction with the
 # version bump (`_SCHEMA` above is always the newest, for new files).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -219,6 +303,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE groups",
         "DROP INDEX IF EXISTS executions_by_group",
         "CREATE INDEX executions_by_batch ON executions (batch) WHERE batch IS NOT NULL",
+        *_INDEXES_V2,  # after the batches table
     ),
 }
 
@@ -300,6 +385,7 @@ class Connection:
     def __init__(self, conn: sqlite3.Connection, path: Path | None) -> None:
         self.conn = conn
         self.path = path
+        self.faulted = False  # any fault so far: the file is read whole at the next open
         self._durable = True
 
     @contextlib.contextmanager
@@ -344,4 +430,5 @@ class Connection:
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise  # a bug in the caller, not the store failing
         except (sqlite3.DatabaseError, OSError) as exc:
+            self.faulted = True
             raise _fault(self.path, exc) from exc

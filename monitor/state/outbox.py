@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from monitor.state.db import Connection
@@ -96,10 +97,12 @@ class OutboxQueries:
         return [outbox_from(r) for r in rows]
 
     def retry_dead(self, event_id: str | None = None, sink: str | None = None) -> int:
-        """Make dead letters pending again with a fresh attempt count (all of them when no filter)."""
-        sql = "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
+        """Make dead letters pending again with a fresh attempt count and a fresh start for the
+        sink's max_age (all of them when no filter)."""
+        sql = "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0, created_at = ?, updated_at = ?"
         sql += " WHERE state = 'dead'"
-        params: list[object] = [time.time()]
+        now = time.time()
+        params: list[object] = [now, now]
         if event_id is not None:
             sql += " AND event_id = ?"
             params.append(event_id)
@@ -118,3 +121,57 @@ class OutboxQueries:
 
     def dead_count(self) -> int:
         return int(self._db.read("SELECT count(*) AS n FROM outbox WHERE state = 'dead'")[0]["n"])
+
+    # -- orphans: pending rows of a sink that is no longer configured ------------------------------
+
+    def set_configured_sinks(self, names: Sequence[str]) -> None:
+        """Note the sinks this process delivers to, so that `execmon dead-letters` can tell orphans."""
+        with self._db.transaction(durable=False) as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('sinks', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (json.dumps(list(names)),),
+            )
+
+    def configured_sinks(self) -> list[str] | None:
+        """The sinks the last process that opened this file delivered to (None: not noted yet)."""
+        rows = self._db.read("SELECT value FROM meta WHERE key = 'sinks'")
+        return [str(name) for name in json.loads(rows[0]["value"])] if rows else None
+
+    def orphaned_counts(self, configured: Collection[str]) -> dict[str, int]:
+        """Pending rows per sink name that is not among `configured`."""
+        rows = self._db.read("SELECT sink, count(*) AS n FROM outbox WHERE state = 'pending' GROUP BY sink")
+        return {str(r["sink"]): int(r["n"]) for r in rows if r["sink"] not in configured}
+
+    def pending_rows(self, sinks: Sequence[str], limit: int = 1000) -> list[OutboxRow]:
+        """Pending rows of these sinks, oldest first."""
+        marks = ",".join("?" * len(sinks))
+        rows = self._db.read(
+            f"SELECT * FROM outbox WHERE state = 'pending' AND sink IN ({marks}) ORDER BY seq LIMIT ?",  # noqa: S608 -- only placeholders
+            [*sinks, limit],
+        )
+        return [outbox_from(r) for r in rows]
+
+    # -- max_age: results a paused sink could not be given in time --------------------------------
+
+    def expire_pending(
+        self, sink: str, created_before: float, why: str, keep: Collection[str] = (), limit: int = 1000
+    ) -> list[str]:
+        """Dead-letter pending rows of `sink` that entered the outbox before `created_before`, except
+        `keep` (attempts in flight), oldest first; each reason is `why` plus its last error."""
+        rows = self._db.read(
+            "SELECT event_id, last_error FROM outbox WHERE sink = ? AND state = 'pending' AND created_at < ?"
+            " ORDER BY seq LIMIT ?",
+            (sink, created_before, limit),
+        )
+        expired = [(str(r["event_id"]), r["last_error"]) for r in rows if r["event_id"] not in keep]
+        if not expired:
+            return []
+        now = time.time()
+        with self._db.transaction(durable=False) as conn:
+            conn.executemany(
+                "UPDATE outbox SET state = 'dead', last_error = ?, updated_at = ?"
+                " WHERE event_id = ? AND sink = ? AND state = 'pending'",
+                [(f"{why}; last: {last or 'never attempted'}"[:MAX_ERROR_CHARS], now, e, sink) for e, last in expired],
+            )
+        return [event_id for event_id, _ in expired]

@@ -14,7 +14,7 @@ Times are epoch seconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from monitor.records import Outcome
@@ -72,7 +72,8 @@ class StateStore(Protocol):
     ) -> FinishResult:
         """Mark terminal and enqueue the record for `sinks` in one transaction. Idempotent."""
 
-    def undelivered_ids(self) -> set[str]: ...
+    def undelivered_among(self, execution_ids: Iterable[str]) -> set[str]:
+        """Which of these executions have a result some sink has not confirmed (pending or dead)."""
 
     def results(self, execution_ids: Iterable[str] | None = None) -> dict[str, Outcome]: ...
 
@@ -84,6 +85,10 @@ class StateStore(Protocol):
 
     def set_group_sinks(self, names: Sequence[str]) -> None:
         """The sinks that receive group digests."""
+
+    def prune(self, now: float, retention_s: float, *, batch: int = 500) -> int:
+        """Forget one batch (one short transaction) of ended executions and delivered outbox rows older
+        than `retention_s`; never pending rows or dead letters. Returns rows deleted: call again while > 0."""
 
     # -- budget history -----------------------------------------------------------------------
 
@@ -113,3 +118,8 @@ class StateStore(Protocol):
     def pending_count(self, sink: str | None = None) -> int: ...
 
     def dead_count(self) -> int: ...
+
+    def expire_pending(
+        self, sink: str, created_before: float, why: str, keep: Collection[str] = (), limit: int = 1000
+    ) -> list[str]:
+        """Dead-letter pending rows of `sink` older than `created_before` (max_age), except `keep`."""

@@ -17,7 +17,7 @@ class DeliveryState(StrEnum):
 
     PENDING = "pending"  # not yet confirmed by the sink; retried when due
     DELIVERED = "delivered"  # the sink confirmed it
-    DEAD = "dead"  # gave up (permanent error or max attempts): a dead letter
+    DEAD = "dead"  # gave up (permanent error, past the sink's max_age or max_attempts): a dead letter
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +69,7 @@ class OutboxRow:
     state: DeliveryState
     last_error: str | None
     updated_at: float
+    created_at: float = 0.0  # when it entered the outbox (epoch s): a sink's max_age counts from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,4 +122,5 @@ def outbox_from(row: sqlite3.Row) -> OutboxRow:
         state=DeliveryState(row["state"]),
         last_error=row["last_error"],
         updated_at=row["updated_at"],
+        created_at=row["created_at"],
     )

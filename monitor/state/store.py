@@ -24,6 +24,7 @@ from typing import Any, Self
 from monitor.errors import StoreFault, UsageError
 from monitor.logs import get_logger
 from monitor.records import Outcome, build_group_record, new_batch_id
+from monitor.state import retention
 from monitor.state.db import Connection, FileLock, StateError, connect
 from monitor.state.outbox import OutboxQueries, enqueue
 from monitor.state.rows import (
@@ -61,6 +62,7 @@ class Store(OutboxQueries):
         self._budget_writes = 0
         self._polls: dict[str, _PollRow] = {}
         self._answered: dict[int, float] = {}  # budget row id -> when its answer came
+        self._prune_cursor = retention.START
 
     @classmethod
     def open(cls, path: str | Path | None, *, read_only: bool = False) -> Store:
@@ -82,7 +84,9 @@ class Store(OutboxQueries):
             lock = FileLock(state_path)
             lock.acquire(state_path)
         try:
-            conn = connect(state_path, read_only=read_only)
+            conn = connect(
+                state_path, read_only=read_only, checked=lock is not None and lock.unchanged_since_clean_close()
+            )
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -97,7 +101,7 @@ class Store(OutboxQueries):
             log.warning("poll bookkeeping not saved at close", error=str(exc), executions=len(self._polls))
         self._db.close()
         if self._lock is not None:
-            self._lock.release()
+            self._lock.release(clean=not self._db.faulted)
             self._lock = None
 
     def __enter__(self) -> Self:
@@ -291,45 +295,69 @@ class Store(OutboxQueries):
             group_record = self._maybe_digest(conn, row["batch"])
         return FinishResult(newly_terminal=True, enqueued=added, group_record=group_record)
 
-    def undelivered_ids(self) -> set[str]:
-        """Executions with a result that some sink has not confirmed (pending or dead-lettered)."""
-        rows = self._db.read(
-            "SELECT DISTINCT execution_id FROM outbox WHERE state != 'delivered' AND execution_id IS NOT NULL"
+    def undelivered_among(self, execution_ids: Iterable[str]) -> set[str]:
+        """Which of these executions have a result that some sink has not confirmed (pending or dead)."""
+        rows = self._read_in(
+            "SELECT DISTINCT execution_id FROM outbox WHERE execution_id IN ({marks}) AND state != 'delivered'",
+            execution_ids,
         )
         return {str(r["execution_id"]) for r in rows}
 
     def results(self, execution_ids: Iterable[str] | None = None) -> dict[str, Outcome]:
-        """The terminal outcome of every terminal ID (or of those given that are terminal)."""
-        rows = self._db.read("SELECT execution_id, terminal_outcome FROM executions WHERE terminal_outcome IS NOT NULL")
-        found = {r["execution_id"]: Outcome(r["terminal_outcome"]) for r in rows}
+        """The terminal outcome of each given ID that is terminal (no IDs: of every terminal one)."""
         if execution_ids is None:
-            return found
-        return {i: found[i] for i in execution_ids if i in found}
+            rows = self._db.read(
+                "SELECT execution_id, terminal_outcome FROM executions WHERE terminal_outcome IS NOT NULL"
+            )
+        else:
+            rows = self._read_in(
+                "SELECT execution_id, terminal_outcome FROM executions WHERE execution_id IN ({marks})"
+                " AND terminal_outcome IS NOT NULL",
+                execution_ids,
+            )
+        return {str(r["execution_id"]): Outcome(r["terminal_outcome"]) for r in rows}
 
     def terminal_records(self, execution_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The result record of each given ID that is terminal (what `Monitor.results` hands out)."""
-        found: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(execution_ids):
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.read(
-                f"SELECT execution_id, record_json FROM executions WHERE execution_id IN ({marks})"  # noqa: S608 -- only placeholders
-                " AND record_json IS NOT NULL",
-                chunk,
-            )
-            found.update((str(r["execution_id"]), json.loads(r["record_json"])) for r in rows)
-        return found
+        rows = self._read_in(
+            "SELECT execution_id, record_json FROM executions WHERE execution_id IN ({marks})"
+            " AND record_json IS NOT NULL",
+            execution_ids,
+        )
+        return {str(r["execution_id"]): json.loads(r["record_json"]) for r in rows}
 
     def tracked_among(self, execution_ids: Iterable[str]) -> set[str]:
         """Which of these IDs are tracked (terminal ones included)."""
-        found: set[str] = set()
+        rows = self._read_in("SELECT execution_id FROM executions WHERE execution_id IN ({marks})", execution_ids)
+        return {str(r["execution_id"]) for r in rows}
+
+    def _read_in(self, sql: str, execution_ids: Iterable[str]) -> list[sqlite3.Row]:
+        """`sql` with `IN ({marks})`, run over chunks of the IDs (an index lookup per ID, never a scan)."""
+        rows: list[sqlite3.Row] = []
         for chunk in _chunks(list(execution_ids)):
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.read(
-                f"SELECT execution_id FROM executions WHERE execution_id IN ({marks})",  # noqa: S608 -- only placeholders
-                chunk,
-            )
-            found.update(str(r["execution_id"]) for r in rows)
-        return found
+            rows += self._db.read(sql.format(marks=",".join("?" * len(chunk))), chunk)
+        return rows
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def prune(self, now: float, retention_s: float, *, batch: int = 500) -> int:
+        """Forget one batch of what ended more than `retention_s` before `now` (epoch s) and is done
+        with; returns how many rows went. One short transaction (not fsynced: a lost prune is redone).
+
+        At most `batch` of each: ended executions whose every outbox row is delivered and whose batch
+        has had its digest (with their outbox rows), delivered outbox rows confirmed that long ago,
+        digested batches with no member left. Pending rows and dead letters are never deleted, nor
+        what they belong to. Call it again (letting the loop run in between) while it returns > 0.
+        It goes on where the last call stopped, so executions that must stay are not looked at on
+        every call (0 after thousands of those in a row: the next pass goes on past them).
+        """
+        cutoff = now - retention_s
+        with self._db.transaction(durable=False) as conn:
+            deleted, cursor = retention.prune_executions(conn, cutoff, self._prune_cursor, batch)
+            deleted += retention.prune_delivered(conn, cutoff, batch)
+            deleted += retention.prune_batches(conn, cutoff, batch)
+        self._prune_cursor = cursor  # only once committed: a rolled-back batch is looked at again
+        return deleted
 
     # -- group batches ------------------------------------------------------------------------
 
