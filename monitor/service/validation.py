@@ -157,11 +157,9 @@ def _batch(payload: Mapping[str, Any]) -> str | None:
     raw = payload.get("batch")
     if raw is None:
         return None
-    if payload.get("group") is None:
-        _bad("'batch' needs a 'group': it names one use of that group")
     if not isinstance(raw, str) or not _BATCH.fullmatch(raw):
         _bad("'batch' must be 1 to 100 letters, digits or _.:- or null")
-    return raw
+    return raw if payload.get("group") is not None else None  # a batch is one use of a group
 
 
 def _labels(payload: Mapping[str, Any]) -> dict[str, str]:
