@@ -24,7 +24,7 @@ from monitor import vtime
 from monitor.api.client import ExecutionsClient
 from monitor.clock import Clock
 from monitor.rates import RateLimit
-from monitor.records import Outcome, TerminalEvent
+from monitor.records import Outcome, StallEvent, TerminalEvent
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import Policy, make_policy
 from monitor.schedule.scheduler import NullListener, Scheduler
@@ -55,15 +55,24 @@ class PolicyResult:
         return asdict(self)
 
 
-class _Recorder(NullListener):
-    """The in-memory sink: when each terminal result arrived, and as what."""
+class Recorder(NullListener):
+    """The in-memory sink: when each terminal result and each stall event arrived (loop times).
+
+    `run_policy` sets `start` (the scenario's time 0) and `scheduler` before the first poll.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.results: dict[str, tuple[float, Outcome]] = {}
+        self.stalls: list[tuple[float, StallEvent]] = []
+        self.start = loop.time()
+        self.scheduler: Scheduler | None = None
 
     async def on_terminal(self, event: TerminalEvent) -> None:
         self.results.setdefault(event.execution_id, (self._loop.time(), event.outcome))
+
+    def on_stall(self, event: StallEvent) -> None:
+        self.stalls.append((self._loop.time(), event))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -144,8 +153,10 @@ async def run_policy(
     *,
     error_rate: float = 0.0,
     max_in_flight: int = 4,
+    recorder: Recorder | None = None,
 ) -> PolicyResult:
-    """One policy on a fresh simulator; call inside a VirtualTimeLoop (see `bench_policy`)."""
+    """One policy on a fresh simulator; call inside a VirtualTimeLoop (see `bench_policy`).
+    `recorder`: one of the caller's, to read the stall events from (benchmarks/stalls.py)."""
     wall_start = time.perf_counter()
     loop = asyncio.get_running_loop()
     plan = scenario.plan()
@@ -155,7 +166,7 @@ async def run_policy(
     runner, url = await start_simulator(settings, "127.0.0.1", 0)
     simulator = simulator_of(runner)
     clock = Clock(loop, wall_anchor=simulator.clock.wall())
-    recorder = _Recorder(loop)
+    recorder = recorder or Recorder(loop)
     made = make_policy(policy) if isinstance(policy, str) else policy()
     try:
         async with ExecutionsClient(url, Secret(BENCH_KEY)) as client:
@@ -169,7 +180,8 @@ async def run_policy(
                 rng=random.Random(scenario.seed),
             )
             run_task = asyncio.create_task(scheduler.run())
-            start = loop.time()
+            start = recorder.start = loop.time()
+            recorder.scheduler = scheduler
             for at, creates, planned in _timeline(plan):
                 await _sleep_until(loop, start + at)
                 if not creates:

@@ -80,6 +80,7 @@ class PollingConfig:
     not_found_confirmations: int = 3
     not_found_min_span_s: float = 5.0
     deadline_s: float = 0.0  # 0 = no deadline
+    stall_after: float | None = None  # seconds without a change that make a stall; None: "auto"
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ class SinkEvents(StrEnum):
 
     EXECUTION = "execution"  # one record per terminal execution
     GROUP = "group"  # one digest per group once all its members are terminal
+    STALLED = "stalled"  # a running execution whose progress stood still for polling.stall_after
+    RESUMED = "resumed"  # a stalled execution that moved again
 
 
 class Invalid(Exception):
@@ -88,6 +90,16 @@ def _seconds(*, positive: bool = False) -> Parser:
         return seconds
 
     return parse
+
+
+def _stall_after(value: Any) -> float | None:
+    """`auto` (None: learned per kind) or a duration; below 10 min only when given explicitly."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return float(_seconds(positive=True)(value))
+    except Invalid:
+        raise Invalid("'auto' or a duration > 0 such as '30m' or 1800") from None
 
 
 def _factor(value: Any) -> float:
@@ -175,6 +187,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "not_found_confirmations": _integer(1),
         "not_found_min_span_s": _seconds(),
         "deadline_s": _seconds(),
+        "stall_after": _stall_after,
     },
     "state": {"path": _text, "fault_grace_s": _seconds(positive=True), "retention": _seconds(positive=True)},
     "control": {

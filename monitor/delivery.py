@@ -138,6 +138,14 @@ class Delivery:
             self.notify()
         return result
 
+    def submit_event(self, record: dict[str, Any]) -> int:
+        """Enqueue a record that ends nothing (a stall, a resume) for the sinks that want it; the
+        rows added (0: seen before). StoreFault: nothing was recorded."""
+        added = self._store.enqueue_event(record, self.route(record))
+        if added:
+            self.notify()
+        return added
+
     def notify(self) -> None:
         """New outbox rows were committed: every lane picks up its own."""
         for lane in self._lanes.values():

@@ -35,6 +35,8 @@ from monitor.events import (
     KeyRejected,
     KeyRestored,
     Polled,
+    Resumed,
+    Stalled,
     StoreFaulted,
     StoreRecovered,
     Subscriber,
@@ -42,7 +44,16 @@ from monitor.events import (
 from monitor.ids import validate_execution_id
 from monitor.logs import get_logger
 from monitor.metrics import Metrics
-from monitor.records import Outcome, TerminalEvent, TrackResult, build_result_record, new_batch_id
+from monitor.records import (
+    Outcome,
+    StallEvent,
+    StallKind,
+    TerminalEvent,
+    TrackResult,
+    build_result_record,
+    build_stall_record,
+    new_batch_id,
+)
 from monitor.results import Result
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
@@ -187,6 +198,7 @@ class Monitor:
         deadline = loop.time() + grace_s
         try:
             if self.failure is None:
+                self._supervisor.winding_down()  # the scheduler's task ends with its stop: expected
                 await parts.require_scheduler().stop(grace_s / 2)
                 await parts.delivery.drain(timeout=max(0.0, deadline - loop.time()))
         finally:
@@ -258,6 +270,7 @@ class Monitor:
             not_found_min_span_s=polling.not_found_min_span_s,
             error_backoff_base_s=polling.error_backoff_base_s,
             error_backoff_cap_s=polling.error_backoff_cap_s,
+            stall_after_s=polling.stall_after,
             listener=self,
             spawn=self._supervisor.spawner(),
         )
@@ -316,6 +329,7 @@ class Monitor:
                 parts.gate.report(exc)
             else:
                 self.metrics.set_tracked(counts)
+            self.metrics.set_stalled(parts.require_scheduler().stalled_counts())
             await asyncio.sleep(_METRICS_EVERY_S)
 
     # -- the Python API ----------------------------------------------------------------------------
@@ -562,6 +576,22 @@ class Monitor:
         for queue in self._waiters:
             queue.put_nowait(result)
         self._publish(Ended(result, event))
+
+    def on_stall(self, event: StallEvent) -> None:
+        parts = self._require_parts()
+        try:
+            added = parts.delivery.submit_event(build_stall_record(event))
+        except StoreFault as exc:
+            parts.gate.report(exc)
+            raise  # the scheduler asks again at the next answer (same event_id)
+        stalled = event.kind is StallKind.STALLED
+        log.info(
+            "execution stalled" if stalled else "execution resumed",
+            execution_id=event.execution_id,
+            stalled_for_s=round(event.stalled_for_s, 1),
+            records=added,
+        )
+        self._publish(Stalled(event) if stalled else Resumed(event))
 
     def on_key_rejected(self, reason: str) -> None:
         # The front ends say it in their own words (watch: one line and exit 3; the daemon: a log

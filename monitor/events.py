@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from monitor.api.models import StatusRecord
 from monitor.errors import MonitorFailed
-from monitor.records import TerminalEvent
+from monitor.records import StallEvent, TerminalEvent
 from monitor.results import Result
 
 
@@ -30,6 +30,21 @@ class Ended:
 
     result: Result
     event: TerminalEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """A running execution's progress stood still for `polling.stall_after`; the record is durably
+    in the outbox already (for the sinks with `events = ["stalled"]`)."""
+
+    event: StallEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A stalled execution moved again (its `resumed` record is in the outbox already)."""
+
+    event: StallEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,5 +78,5 @@ class Failed:
     error: MonitorFailed
 
 
-Event = Polled | Ended | KeyRejected | KeyRestored | StoreFaulted | StoreRecovered | Failed
+Event = Polled | Ended | Stalled | Resumed | KeyRejected | KeyRestored | StoreFaulted | StoreRecovered | Failed
 Subscriber = Callable[[Event], None]

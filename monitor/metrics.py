@@ -100,6 +100,10 @@ class Metrics:
             "event_loop_stalls", "Times the event loop was blocked longer than the stall threshold.",
             namespace=ns, registry=reg,
         )  # fmt: skip
+        self._stalled = Gauge(
+            "stalled_executions", "Running executions whose progress stands still (stall_after), by kind label.",
+            ["kind"], namespace=ns, registry=reg,
+        )  # fmt: skip
 
     def request(self, outcome: str) -> None:
         """One status request finished: the status it reported (running, completed, ...) or "error"."""
@@ -148,6 +152,12 @@ class Metrics:
 
     def loop_stalled(self) -> None:
         self._loop_stalls.inc()
+
+    def set_stalled(self, counts_by_kind: Mapping[str, int]) -> None:
+        """Replace the whole per-kind breakdown, so that a kind with no stall left drops to nothing."""
+        self._stalled.clear()
+        for kind, count in counts_by_kind.items():
+            self._stalled.labels(kind=kind).set(count)
 
     def set_store_healthy(self, healthy: bool) -> None:
         self._store_healthy.set(1 if healthy else 0)

@@ -43,6 +43,39 @@ class TerminalEvent:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+class StallKind(StrEnum):
+    """The records of a freeze: one when it crosses `polling.stall_after`, one if it moves again."""
+
+    STALLED = "stalled"
+    RESUMED = "resumed"
+
+
+@dataclass(frozen=True, slots=True)
+class StallEvent:
+    """The scheduler's word that a running execution stalled or resumed (times are epoch seconds).
+
+    `freeze` names the frozen stretch (the server's `updated_at` when it gives one), so that the
+    event_id is the same however often, and after however many restarts, the freeze is seen.
+    """
+
+    kind: StallKind
+    execution_id: str
+    freeze: str
+    last_change_at: float  # when progress or updated_at last changed before the freeze
+    observed_at: float
+    stall_after_s: float  # the threshold it crossed
+    progress: int | None = None
+    current_step: str | None = None
+    resumed_at: float | None = None  # resumed: when it moved again
+    group: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stalled_for_s(self) -> float:
+        end = self.resumed_at if self.resumed_at is not None else self.observed_at
+        return max(0.0, end - self.last_change_at)
+
+
 @dataclass(frozen=True, slots=True)
 class TrackResult:
     """What a `track` call did: IDs newly tracked, and IDs left as they were."""
@@ -56,6 +89,11 @@ def event_id(execution_id: str, outcome: Outcome | str) -> str:
     """Stable per execution and outcome, so that a receiver can drop a redelivery."""
     digest = hashlib.sha256(f"execution:{execution_id}:{outcome}".encode()).hexdigest()
     return f"ev_{digest[:32]}"
+
+
+def stall_event_id(kind: StallKind, execution_id: str, freeze: str) -> str:
+    """Stable per freeze of one execution: a restart never reports the same freeze twice."""
+    return "evs_" + hashlib.sha256(f"{kind.value}:{execution_id}:{freeze}".encode()).hexdigest()[:32]
 
 
 def group_event_id(group: str, batch: str) -> str:
@@ -89,6 +127,27 @@ def build_result_record(event: TerminalEvent) -> dict[str, Any]:
         "labels": dict(event.labels),
         "raw": status.raw if status else None,
     }
+
+
+def build_stall_record(event: StallEvent) -> dict[str, Any]:
+    """The contract's `stalled` record, or its `resumed` counterpart (with `resumed_at`)."""
+    record: dict[str, Any] = {
+        "event_id": stall_event_id(event.kind, event.execution_id, event.freeze),
+        "kind": event.kind.value,
+        "execution_id": event.execution_id,
+        "progress": event.progress,
+        "current_step": event.current_step,
+        "last_change_at": iso_utc(event.last_change_at),
+        "stalled_for_s": round(event.stalled_for_s, 3),
+        "observed_at": iso_utc(event.observed_at),
+    }
+    if event.kind is StallKind.STALLED:
+        record["stall_after_s"] = round(event.stall_after_s, 3)
+    if event.resumed_at is not None:
+        record["resumed_at"] = iso_utc(event.resumed_at)
+    record["group"] = event.group
+    record["labels"] = dict(event.labels)
+    return record
 
 
 def build_group_record(group: str, batch: str, members: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -48,6 +48,10 @@ class Supervisor:
         """`spawn` as a plain callable, for the parts that create tasks of their own."""
         return lambda coro, name: self.spawn(coro, name, forever=forever)
 
+    def winding_down(self) -> None:
+        """The owner is stopping its parts: a "forever" child that returns now is no failure."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Cancel every child and wait for them (a failure already reported stays reported)."""
         self._stopping = True

@@ -19,7 +19,7 @@ from monitor.api.client import check_reachable
 from monitor.config import Config
 from monitor.engine import Monitor
 from monitor.errors import KeyRejectedError, MonitorFailed
-from monitor.events import Ended, Event, Polled
+from monitor.events import Ended, Event, Polled, Resumed, Stalled
 from monitor.logs import get_logger
 from monitor.records import Outcome
 from monitor.watch_view import LiveView, WatchStats
@@ -60,6 +60,8 @@ class Watch:
             self._on_status(event)
         elif isinstance(event, Ended):
             self._on_ended(event)
+        elif isinstance(event, Stalled | Resumed):
+            self.stats.record_stall(event.event)  # the engine logs it; the live view marks it
 
     def _on_status(self, polled: Polled) -> None:
         execution_id, status, error = polled.execution_id, polled.status, polled.error

@@ -6,6 +6,7 @@ Everything here writes to stderr, so that stdout carries result records only.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -18,7 +19,7 @@ from rich.text import Text
 
 from monitor.clock import parse_iso
 from monitor.rates import RateLimit, format_rate_limit
-from monitor.records import Outcome, TerminalEvent
+from monitor.records import Outcome, StallEvent, StallKind, TerminalEvent
 
 _OUTCOME_STYLE = {
     Outcome.COMPLETED: "green",
@@ -41,11 +42,19 @@ class WatchStats:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     delays_s: list[float] = field(default_factory=list)
     slowest_eta_s: float | None = None
+    stalled: dict[str, float] = field(default_factory=dict)  # execution -> its last change (epoch s)
 
     def preload(self, outcomes: dict[str, Outcome]) -> None:
         self.outcomes.update(outcomes)
 
+    def record_stall(self, event: StallEvent) -> None:
+        if event.kind is StallKind.STALLED:
+            self.stalled[event.execution_id] = event.last_change_at
+        else:
+            self.stalled.pop(event.execution_id, None)
+
     def record_outcome(self, event: TerminalEvent) -> None:
+        self.stalled.pop(event.execution_id, None)
         self.outcomes[event.execution_id] = event.outcome
         finished = parse_iso(event.status.finished_at or "") if event.status is not None else None
         if finished is not None:
@@ -106,11 +115,19 @@ class LiveView:
     def _render(self) -> Group:
         stats = self.stats
         rows = max(3, self.console.size.height - 6)
-        running = sorted((i for i in stats.progress if i not in stats.outcomes), key=lambda i: -stats.progress[i])
+        # Stalled runs first: they are what someone watching wants to see.
+        running = sorted(
+            (i for i in stats.progress if i not in stats.outcomes),
+            key=lambda i: (i not in stats.stalled, -stats.progress[i]),
+        )
         table = Table.grid(padding=(0, 1))
+        now = time.time()  # display only: wall time is fine
         for execution_id in running[:rows]:
             pct = stats.progress[execution_id]
-            table.add_row(execution_id, ProgressBar(total=100, completed=pct, width=30), f"{pct:3d}%")
+            since = stats.stalled.get(execution_id)
+            bar = ProgressBar(total=100, completed=pct, width=30, complete_style="yellow" if since else "bar.complete")
+            mark = Text(f"stalled {_duration(now - since)}", style="yellow") if since is not None else Text("")
+            table.add_row(execution_id, bar, f"{pct:3d}%", mark)
         hidden = len(running) - rows
         counts = Counter(o.value for o in stats.outcomes.values())
         done = sum(counts.values())
@@ -118,6 +135,8 @@ class LiveView:
         for outcome, style in _OUTCOME_STYLE.items():
             if counts.get(outcome.value):
                 totals.append(f"{outcome.value} {counts[outcome.value]}  ", style=style)
+        if stats.stalled:
+            totals.append(f"stalled {len(stats.stalled)}  ", style="yellow")
         rate = stats.rate
         budget = "no limit" if rate is None else f"{stats.budget_used}/{rate.limit} per {rate.window_s:g}s"
         totals.append(f"| budget {budget} | requests {stats.requests}")

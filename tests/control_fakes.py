@@ -55,6 +55,7 @@ class MemoryBackend:
             "group": group,
             "labels": dict(labels),
             "delivered": False,
+            "stalled_since": None,
         }
 
     async def track(
@@ -93,6 +94,8 @@ class MemoryBackend:
             return [v for v in views if v["state"] in TERMINAL]
         if status == "active":
             return [v for v in views if v["state"] not in TERMINAL]
+        if status == "stalled":
+            return [v for v in views if v["stalled_since"] is not None]
         return [v for v in views if v["state"] == status]
 
     def list_executions(self, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from monitor.events import Ended, Event, Failed, Polled
 from monitor.ids import InvalidExecutionId
 from monitor.rates import RateLimit
 from monitor.simulator.server import Simulator, SimulatorSettings, simulator_of, start_simulator
+from monitor.sinks.lane import Lane
 
 KEY = "sk_test_monitor"
 RATE = "30/3s"
@@ -257,7 +258,7 @@ async def test_a_dying_sink_worker_fails_the_monitor(
     short = simulator.create(count=1, duration_s=0.5)
     long = simulator.create(count=1, duration_s=30.0)
     async with monitor_for(url, sinks=[f"jsonl:{tmp_path / 'out.jsonl'}"]) as mon:
-        monkeypatch.setattr(mon.delivery, "_attempt", _boom)
+        monkeypatch.setattr(Lane, "_attempt", _boom)
         await mon.track(short + long)
         await mon.wait(short, timeout=15)  # the result is recorded first; its delivery then kills the worker
         await _assert_fails_loudly(mon, long, "execmon-sink-jsonl")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -12,7 +14,7 @@ from rich.console import Console
 from monitor.api.models import ExecutionStatus, StatusRecord
 from monitor.clock import parse_iso
 from monitor.rates import RateLimit
-from monitor.records import Outcome, TerminalEvent
+from monitor.records import Outcome, StallEvent, StallKind, TerminalEvent
 from monitor.watch_view import LiveView, WatchStats
 
 
@@ -88,3 +90,17 @@ def test_live_view_on_a_terminal_leaves_stdout_to_the_records(monkeypatch: pytes
     assert records.getvalue() == '{"event_id": "ev_1"}\n'
     assert "1/3 finished" in screen.getvalue()
     assert "ev_1" not in screen.getvalue()
+
+
+def test_live_view_lists_stalled_runs_first_and_says_for_how_long() -> None:
+    stats = _stats()
+    now = time.time()
+    event = StallEvent(StallKind.STALLED, "exec_a", "2025-11-11T10:00:00Z", now - 1500, now, 600.0, 40)
+    stats.record_stall(event)
+    lines = _render(stats).splitlines()
+    assert lines[0].startswith("exec_a")  # stalled: first, though exec_b is further along
+    assert "stalled 25m" in lines[0]
+    assert "stalled 1" in _render(stats)
+    stats.record_stall(dataclasses.replace(event, kind=StallKind.RESUMED, resumed_at=now))
+    assert _render(stats).splitlines()[0].startswith("exec_b")
+    assert "stalled" not in _render(stats)

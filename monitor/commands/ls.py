@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--status",
         choices=STATUS_FILTERS,
-        help="only this state (terminal: any ended one; active: pending or running)",
+        help="only this state (terminal: any ended one; active: pending or running; stalled: running, standing still)",
     )
     parser.add_argument("--json", action="store_true", help="print {executions, total} as JSON")
 
@@ -51,6 +51,8 @@ def relative(iso: object, now: float) -> str:
 def row(view: dict[str, Any], now: float) -> tuple[str, ...]:
     progress = view.get("progress")
     state = str(view.get("state", "?"))
+    if view.get("stalled_since"):  # running, standing still: what the reader looks for
+        state = f"stalled {relative(view['stalled_since'], now).removesuffix(' ago')}"
     delivered = ("yes" if view.get("delivered") else "no") if state in TERMINAL_STATES else "-"
     return (
         str(view.get("execution_id", "?")),

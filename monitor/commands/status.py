@@ -13,7 +13,7 @@ from monitor.errors import UsageError
 from monitor.ids import validate_execution_id
 
 HELP = "Show one execution tracked by the running daemon."
-TIME_FIELDS = ("tracked_since", "last_polled_at", "next_poll_at")
+TIME_FIELDS = ("tracked_since", "last_polled_at", "next_poll_at", "stalled_since")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,16 @@
 """The adaptive policy: predicted ends first, a hazard-weighted round robin with the rest, a floor.
 
-The formulas are in `monitor.schedule.policy`'s docstring. Three heaps with lazy deletion, each
+The formulas are in `monitor.schedule.policy`'s docstring. Four heaps with lazy deletion, each
 O(log n) per operation, so a choice never scans the tracked executions:
 - floor: by last poll; an execution not polled for F = max(g, alpha * (N + L) / R) goes first;
 - due: by the time the expected staleness of a predicted end crosses theta = kappa * P;
 - round robin: by last poll + its own period P_i = P * mean(sqrt(lambda)) / sqrt(lambda_i), so
   executions that can end at any moment (no progress) come round more often than those whose
-  end is predicted far away; with one kind of execution it is plain round robin.
+  end is predicted far away; with one kind of execution it is plain round robin. A stalled
+  execution (`monitor.schedule.stalls`) comes round STALLED_BOOST times as often as its peers.
+- checks: a run that has not changed since well before its last poll is polled again when it would
+  cross its stall threshold, if nothing else comes first, so that a stall is reported when it
+  happens rather than up to a round-robin period later (a run that keeps moving never gets there).
 Updating an execution after an answer is O(samples + log n): at most 12 samples are kept.
 """
 
@@ -33,6 +37,7 @@ _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
 _PRIOR_RATE = 1e-4  # ends per second of running, before any were seen (one pseudo-event)
 _MIN_EVENTS = 5  # ends of silent executions needed before their own rate is used
 MIN_GAP_S = 2.0  # an answer fresher than this rarely has news: the token serves another execution
+STALLED_BOOST = 2.0  # a stalled execution comes round in the round robin this many times as often
 
 
 class _Ends:
@@ -74,6 +79,7 @@ class AdaptivePolicy(Policy):
         self._cycle = self.min_gap_s  # the baseline's round-robin period (N + L) / R, last seen
         self._floor = LazyHeap()  # by last poll: the guarantee
         self._due = LazyHeap()  # by crossing time of a predicted end
+        self._checks = LazyHeap()  # by the moment an unchanged run would cross its stall threshold
         self._round = LazyHeap()  # by last poll + own period (deferred: by due)
         self._all = _Ends()  # every execution
         self._silent = _Ends()  # executions that never reported progress
@@ -171,10 +177,12 @@ class AdaptivePolicy(Policy):
         state.weight = weight
 
     def _period(self, state: ExecState) -> float:
-        """Its round-robin period: P * mean(sqrt(lambda)) / sqrt(lambda_i)."""
-        if state.weight <= 0.0 or self._count <= 0:
-            return self._cycle
-        return self._cycle * (self._weights / self._count) / state.weight
+        """Its round-robin period: P * mean(sqrt(lambda)) / sqrt(lambda_i), divided by STALLED_BOOST
+        while it is stalled (it is likely to fail or resume: its news is worth more than a peer's)."""
+        period = self._cycle
+        if state.weight > 0.0 and self._count > 0:
+            period = self._cycle * (self._weights / self._count) / state.weight
+        return period / STALLED_BOOST if state.stall_key is not None else period
 
     def _enqueue(self, state: ExecState) -> None:
         state.ver += 1
@@ -182,7 +190,9 @@ class AdaptivePolicy(Policy):
         self._round.push(state.last_poll + self._period(state), state)
         if state.due < math.inf:
             self._due.push(state.due, state)
-        for heap in (self._floor, self._due, self._round):
+        if state.check_at < math.inf:
+            self._checks.push(max(state.check_at, state.last_poll + self.min_gap_s), state)
+        for heap in (self._floor, self._due, self._checks, self._round):
             heap.compact(self._count)
 
     # -- choosing ---------------------------------------------------------------------------------
@@ -194,10 +204,11 @@ class AdaptivePolicy(Policy):
         if stalest is not None and stalest[0] <= now - floor:
             self._floor.pop()
             return stalest[1]
-        due = self._due.top()
-        if due is not None and due[0] <= now:
-            self._due.pop()
-            return due[1]
+        for heap in (self._due, self._checks):
+            entry = heap.top()
+            if entry is not None and entry[0] <= now:
+                heap.pop()
+                return entry[1]
         return self._pick_round(now, floor)
 
     def _pick_round(self, now: float, floor: float) -> ExecState | None:
@@ -219,9 +230,10 @@ class AdaptivePolicy(Policy):
 
     def _ready_at(self, now: float) -> float:
         at = math.inf
-        due = self._due.top()
-        if due is not None:
-            at = due[0]
+        for heap in (self._due, self._checks):
+            entry = heap.top()
+            if entry is not None:
+                at = min(at, entry[0])
         entry = self._round.top()
         if entry is not None:
             at = min(at, entry[1].last_poll + self.min_gap_s)

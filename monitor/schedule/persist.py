@@ -33,6 +33,24 @@ def export_state(state: ExecState, clock: Clock) -> dict[str, Any]:
         "samples": [[clock.wall(t), p] for t, p in state.sample_pairs()],
         "delay": state.delay,
         "misses": state.misses,
+        "stall": _export_stall(state, clock),
+    }
+
+
+def _export_stall(state: ExecState, clock: Clock) -> dict[str, Any] | None:
+    """The current stretch and the freeze reported stalled (`since`: null unless stalled now)."""
+    if state.seen is None:
+        return None
+    stalled = state.stall_key is not None and state.stall_key == state.freeze
+    return {
+        "seen": state.seen,
+        "changed_at": clock.wall(state.changed_at),
+        "freeze": state.freeze,
+        "queued": state.queued,
+        "longest": state.longest,
+        "reported": state.stall_key,
+        "reported_since": clock.wall(state.stall_since) if state.stall_key is not None else None,
+        "since": clock.wall(state.stall_since) if stalled else None,
     }
 
 
@@ -57,6 +75,9 @@ def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
     state.progress = None if progress is None else int(progress)
     status = data.get("status")
     state.raw_status = status if isinstance(status, str) else None
+    stall = data.get("stall")
+    if isinstance(stall, dict):
+        _restore_stall(state, stall, clock)
     samples = data.get("samples")
     if isinstance(samples, list):
         for item in samples:
@@ -64,6 +85,22 @@ def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
                 t, p = _number(item[0]), _number(item[1])
                 if t is not None and p is not None:
                     state.add_sample(clock.to_loop(t), int(p))
+
+
+def _restore_stall(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
+    seen, freeze = data.get("seen"), data.get("freeze")
+    if not (isinstance(seen, str) and isinstance(freeze, str)):
+        return  # the next answer starts a stretch afresh (a freeze keeps its name: no second report)
+    state.seen = seen
+    state.changed_at = _loop_time(data.get("changed_at"), clock, state.last_poll)
+    state.freeze = freeze
+    state.queued = data.get("queued") is True
+    longest = _number(data.get("longest"))
+    state.longest = -1.0 if longest is None else longest
+    reported = data.get("reported")
+    if isinstance(reported, str):
+        state.stall_key = reported
+        state.stall_since = _loop_time(data.get("reported_since"), clock, state.changed_at)
 
 
 def _number(value: object) -> float | None:

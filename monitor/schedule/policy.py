@@ -55,6 +55,9 @@ adaptive (the default; monitor/schedule/adaptive.py)
        here: its predicted poll comes anyway; one polled less than g ago is never taken.
     Polls at a predicted end replace the round-robin poll that would have found it ended, so only
     the misses cost the others; the floor caps what they may cost.
+    Stalls (`monitor.schedule.stalls`): between 2 and 3, a run that looked frozen at its last poll
+    (half way to its stall threshold) is polled when it would cross the threshold; a stalled run's
+    round-robin period is P_i / 2. Runs that keep moving are never affected.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ forgotten); running -> the policy schedules the next poll; transient error -> re
 after uniform(0, min(cap, base * 2**n)) (full jitter, apart from the cadence); 429 -> the whole key
 pauses (Budget.throttle); 401 -> the key is blocked at once and nothing more is sent until
 `resume`; 404 -> confirmed K times over at least a span before `not_found`; deadline -> timed_out.
+Running answers also go through the stall detector (`monitor.schedule.stalls`): a freeze is one
+`on_stall` call when it crosses the threshold, and one more when the execution moves again.
 The key's state (rejected or not) lives here and nowhere else. `hold(reason)` pauses polling for
 reasons of the owner's (the state store failing): no token is taken while any hold is on.
 """
@@ -36,10 +38,11 @@ from monitor.clock import Clock, parse_iso
 from monitor.errors import StoreFault
 from monitor.ids import validate_execution_id
 from monitor.logs import get_logger
-from monitor.records import Outcome, TerminalEvent
+from monitor.records import Outcome, StallEvent, TerminalEvent
 from monitor.schedule.budget import Budget, Ticket
 from monitor.schedule.persist import export_state, restore_state
 from monitor.schedule.policy import Policy
+from monitor.schedule.stalls import KIND_LABEL, StallDetector
 from monitor.schedule.state import ExecState
 
 log = get_logger(__name__)
@@ -55,6 +58,9 @@ class SchedulerListener(Protocol):
 
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
         """Every answer: a status, or the error text (persistence, live view, logs)."""
+
+    def on_stall(self, event: StallEvent) -> None:
+        """A freeze crossed the threshold, or ended: record it (StoreFault: asked again next answer)."""
 
     def on_key_rejected(self, reason: str) -> None:
         """The key was rejected: nothing is sent until `Scheduler.resume`."""
@@ -72,6 +78,9 @@ class NullListener:
         return None
 
     def on_poll(self, execution_id: str, status: StatusRecord | None, error: str | None) -> None:
+        return None
+
+    def on_stall(self, event: StallEvent) -> None:
         return None
 
     def on_key_rejected(self, reason: str) -> None:
@@ -132,6 +141,7 @@ class Scheduler:
         not_found_min_span_s: float = 5.0,
         error_backoff_base_s: float = 1.0,
         error_backoff_cap_s: float = 60.0,
+        stall_after_s: float | None = None,
         listener: SchedulerListener | None = None,
         rng: random.Random | None = None,
         spawn: Spawn = _create_task,
@@ -148,6 +158,7 @@ class Scheduler:
         self._err_base = error_backoff_base_s
         self._err_cap = error_backoff_cap_s
         self._listener: SchedulerListener = listener or NullListener()
+        self.stalls = StallDetector(clock, stall_after_s)  # None: "auto"
         self._rng = rng or random.Random()
         policy.bind_rate(lambda: budget.rate_per_s)
         self._states: dict[str, ExecState] = {}
@@ -233,10 +244,20 @@ class Scheduler:
         info["in_flight"] = state.in_flight
         info["next_poll_at"] = self._clock.wall(state.due) if math.isfinite(state.due) else None
         info["eta"] = self._clock.wall(state.eta) if math.isfinite(state.eta) else None
+        info["stall_after_s"] = self.stalls.limit(state)
         return info
 
     def tracked_ids(self) -> list[str]:
         return list(self._states)
+
+    def stalled_counts(self) -> dict[str, int]:
+        """Executions stalled now, by their `kind` label ("" without one)."""
+        counts: dict[str, int] = {}
+        for state in self._states.values():
+            if state.stall_key is not None and state.stall_key == state.freeze:
+                kind = (state.labels or {}).get(KIND_LABEL, "")
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -384,6 +405,8 @@ class Scheduler:
         state.nf_count = 0
         state.progress = status.progress
         state.raw_status = status.raw_status
+        if state.live and not status.status.terminal:
+            self._observe_stall(state, status, now)  # first: the poll's bookkeeping then carries it
         self._listener.on_poll(state.execution_id, status, None)
         if not state.live:
             return  # untracked while the request was out
@@ -400,6 +423,17 @@ class Scheduler:
         if status.progress is not None:
             state.add_sample(now, status.progress)
         self._policy.polled(state, now)
+
+    def _observe_stall(self, state: ExecState, status: StatusRecord, now: float) -> None:
+        event = self.stalls.observe(state, status, now)
+        if event is not None:
+            try:
+                self._listener.on_stall(event)
+            except StoreFault:
+                pass  # not recorded: the next answer calls for it again, with the same event_id
+            else:
+                self.stalls.applied(state, event)
+        state.check_at = self.stalls.crossing(state, now)
 
     async def _handle_error(self, state: ExecState, exc: ApiError) -> None:
         now = self._clock.now()

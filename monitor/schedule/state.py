@@ -18,6 +18,8 @@ class ExecState:
     """Everything the scheduler and its policy know about one tracked execution (loop times)."""
 
     __slots__ = (
+        "changed_at",
+        "check_at",
         "delay",
         "due",
         "errors",
@@ -25,18 +27,24 @@ class ExecState:
         "execution_id",
         "expires_at",
         "exposed_to",
+        "freeze",
         "group",
         "in_flight",
         "labels",
         "last_poll",
         "live",
+        "longest",
         "misses",
         "nf_count",
         "nf_first",
         "polls",
         "progress",
+        "queued",
         "raw_status",
         "samples",
+        "seen",
+        "stall_key",
+        "stall_since",
         "tracked_since",
         "ver",
         "weight",
@@ -73,6 +81,16 @@ class ExecState:
         self.misses = 0  # adaptive: polls at a predicted end that found it still running
         self.eta = math.inf  # adaptive: predicted end
         self.weight = 0.0  # adaptive: sqrt of the hazard it was last scheduled with
+        # Stall fields (monitor.schedule.stalls): the current stretch without a change, and the freeze
+        # that was reported stalled, if any.
+        self.seen: str | None = None  # the last answer's updated_at (or progress, without one)
+        self.changed_at = tracked_since  # loop time the current stretch began (its last change)
+        self.freeze = ""  # the stretch's name: the server's updated_at when it gives one
+        self.queued = False  # the stretch is a wait in a queue (progress 0, never moved)
+        self.longest = -1.0  # seconds: the longest stretch it has ended so far (a lower bound); -1: none
+        self.stall_key: str | None = None  # the freeze reported stalled (None: not stalled)
+        self.stall_since = 0.0  # loop time that freeze began
+        self.check_at = math.inf  # adaptive: when it crosses the stall threshold unless it changes first
 
     def __repr__(self) -> str:
         return f"ExecState({self.execution_id!r}, polls={self.polls}, due={self.due:.1f})"

@@ -6,6 +6,7 @@ plus the scheduler's plan for the ones still being polled.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from monitor.clock import iso_utc
@@ -72,4 +73,12 @@ class MonitorBackend:
             "group": row.group,
             "labels": row.labels,
             "delivered": row.terminal and row.execution_id not in undelivered,
+            "stalled_since": _stalled_since(None if row.terminal else (plan or row.schedule)),
         }
+
+
+def _stalled_since(schedule: Mapping[str, Any] | None) -> str | None:
+    """From the schedule the scheduler exports (monitor.schedule.persist): stalled now, since when."""
+    stall = (schedule or {}).get("stall")
+    since = stall.get("since") if isinstance(stall, dict) else None
+    return iso_utc(since) if isinstance(since, int | float) else None

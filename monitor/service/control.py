@@ -54,9 +54,10 @@ class ControlBackend(Protocol):
     """What the control API needs from the engine.
 
     `status` filters are a state (pending, running, completed, failed, cancelled, not_found,
-    timed_out), `terminal` (any of the five ended states), `active` (pending or running), or None.
-    Views are JSON-able dicts with at least: execution_id, state, progress, polls, tracked_since,
-    last_polled_at, next_poll_at, group, labels, delivered.
+    timed_out), `terminal` (any of the five ended states), `active` (pending or running), `stalled`
+    (running, standing still), or None. Views are JSON-able dicts with at least: execution_id,
+    state, progress, polls, tracked_since, last_polled_at, next_poll_at, group, labels, delivered,
+    stalled_since.
     """
 
     async def track(

@@ -36,7 +36,8 @@ class Sink(Protocol):
         """Acquire resources (files, sessions); raise UsageError for a setting that cannot work."""
 
     async def send(self, record: dict[str, Any]) -> None:
-        """Deliver one record, or raise DeliveryError. The engine bounds each call by `timeout_s`."""
+        """Deliver one record, or raise DeliveryError. The engine bounds each call by `timeout_s`
+        (plus `hold_s` for a sink that declares it: see BaseSink)."""
 
     async def close(self) -> None:
         """Release resources; pending work is abandoned (the outbox still holds it)."""
@@ -53,6 +54,7 @@ class BaseSink:
 
     name: str = "sink"
     concurrency: int = 1  # how many attempts the engine runs at once for this sink
+    hold_s: float = 0.0  # how long send() may hold a record on purpose before sending (notify's folding)
     KEYS: ClassVar[tuple[str, ...]] = ()  # the type-specific keys this sink accepts
 
     async def open(self) -> None:

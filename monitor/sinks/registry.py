@@ -16,7 +16,7 @@ import pkgutil
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from typing import Any, cast
 
@@ -93,7 +93,7 @@ def build_sinks(sink_configs: Sequence[SinkConfig], *, source: str | None = None
         if not isinstance(sink, Sink):
             raise UsageError(f"{where}: sink type {config.type!r} did not build a sink (open/send/close)")
         sink.name = name
-        handles.append(SinkHandle(name, sink, config, _concurrency(sink, where)))
+        handles.append(SinkHandle(name, sink, _with_hold(config, sink, where), _concurrency(sink, where)))
     return handles
 
 
@@ -110,6 +110,14 @@ def _concurrency(sink: Sink, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{where}: the sink's concurrency must be a positive integer, found {value!r}")
     return value
+
+
+def _with_hold(config: SinkConfig, sink: Sink, where: str) -> SinkConfig:
+    """A sink that holds records on purpose (`hold_s`) gets that much longer than `timeout_s` per attempt."""
+    hold = getattr(sink, "hold_s", 0.0)
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold < float("inf"):
+        raise UsageError(f"{where}: the sink's hold_s must be a number of seconds >= 0, found {hold!r}")
+    return replace(config, timeout_s=config.timeout_s + hold) if hold else config
 
 
 def parse_sink_spec(spec: str) -> dict[str, Any]:

@@ -72,6 +72,9 @@ class StateStore(Protocol):
     ) -> FinishResult:
         """Mark terminal and enqueue the record for `sinks` in one transaction. Idempotent."""
 
+    def enqueue_event(self, record: Mapping[str, Any], sinks: Sequence[str]) -> int:
+        """Enqueue a record that ends nothing (a stall) for `sinks` in one transaction; idempotent."""
+
     def undelivered_among(self, execution_ids: Iterable[str]) -> set[str]:
         """Which of these executions have a result some sink has not confirmed (pending or dead)."""
 

@@ -43,7 +43,7 @@ BUDGET_KEEP_S = 3600.0  # request history older than this can no longer matter t
 _PRUNE_EVERY = 64
 # What save_poll keeps until flush_polls: (schedule, last_status, polls) per ID, serialised by the flush.
 _PollRow = tuple[dict[str, Any] | None, dict[str, Any] | None, int]
-STATUS_FILTERS = ("all", "active", "pending", "running", "terminal", *(o.value for o in Outcome))
+STATUS_FILTERS = ("all", "active", "pending", "running", "stalled", "terminal", *(o.value for o in Outcome))
 
 
 class Store(OutboxQueries):
@@ -295,6 +295,13 @@ class Store(OutboxQueries):
             group_record = self._maybe_digest(conn, row["batch"])
         return FinishResult(newly_terminal=True, enqueued=added, group_record=group_record)
 
+    def enqueue_event(self, record: Mapping[str, Any], sinks: Sequence[str]) -> int:
+        """Enqueue a record that ends nothing (a stall, a resume) for `sinks`, in one transaction;
+        returns the rows added: 0 when its event_id was enqueued before (a freeze seen again)."""
+        execution_id = record.get("execution_id")
+        with self._db.transaction() as conn:
+            return enqueue(conn, record, sinks, execution_id=None if execution_id is None else str(execution_id))
+
     def undelivered_among(self, execution_ids: Iterable[str]) -> set[str]:
         """Which of these executions have a result that some sink has not confirmed (pending or dead)."""
         rows = self._read_in(
@@ -435,17 +442,21 @@ def _join_batch(conn: sqlite3.Connection, batch: str, group: str, now: float) ->
     )
 
 
+_WHERE = {
+    "active": "WHERE terminal_outcome IS NULL",
+    "pending": "WHERE terminal_outcome IS NULL AND polls = 0",  # tracked, never answered yet
+    "running": "WHERE terminal_outcome IS NULL AND polls > 0",
+    # The schedule says since when (monitor.schedule.persist).
+    "stalled": "WHERE terminal_outcome IS NULL AND json_extract(schedule_json, '$.stall.since') IS NOT NULL",
+    "terminal": "WHERE terminal_outcome IS NOT NULL",
+}
+
+
 def _filter_sql(status_filter: str | None) -> tuple[str, list[object]]:
     if status_filter in (None, "all"):
         return "", []
-    if status_filter == "active":
-        return "WHERE terminal_outcome IS NULL", []
-    if status_filter == "pending":  # tracked, never answered yet
-        return "WHERE terminal_outcome IS NULL AND polls = 0", []
-    if status_filter == "running":
-        return "WHERE terminal_outcome IS NULL AND polls > 0", []
-    if status_filter == "terminal":
-        return "WHERE terminal_outcome IS NOT NULL", []
+    if status_filter in _WHERE:
+        return _WHERE[status_filter], []
     if status_filter in {o.value for o in Outcome}:
         return "WHERE terminal_outcome = ?", [status_filter]
     raise UsageError(f"unknown status filter {status_filter!r}: expected one of {', '.join(STATUS_FILTERS)}")
