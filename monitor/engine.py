@@ -270,7 +270,7 @@ class Monitor:
             not_found_min_span_s=polling.not_found_min_span_s,
             error_backoff_base_s=polling.error_backoff_base_s,
             error_backoff_cap_s=polling.error_backoff_cap_s,
-            stall_after_s=polling.stall_after,
+            stall_after=polling.stall_after,
             listener=self,
             spawn=self._supervisor.spawner(),
         )

@@ -52,3 +52,22 @@ def test_watch_sends_one_message_per_result_and_one_for_the_group(sim: Sim, tmp_
         assert by_id[execution_id].startswith(f"{execution_id} failed after ")
         assert "(group nightly): Task execution failed: Simulated failure after" in by_id[execution_id]
     assert apprise_url not in result.stderr
+
+
+def test_a_burst_past_max_per_minute_is_folded_into_one_summary(sim: Sim, tmp_path: Path) -> None:
+    """A real watch process, a real minute: 2 messages at once, the other 4 results in one summary."""
+    ids = sim.create(6, duration_s=2, outcome="completed")
+    with WebhookReceiver() as hook:
+        apprise_url = hook.url.replace("http://", "json://", 1)
+        config = write_config(
+            tmp_path / "c.toml", sim, [{"type": "notify", "urls": [apprise_url], "max_per_minute": 2}]
+        )
+        result = watch(["-", "--config", str(config), "--quiet"], tmp=tmp_path, ids=ids, timeout_s=120)
+        posts = hook.snapshot()
+    assert result.rc == 0, result
+    texts = [str(json.loads(p.body)["message"]) for p in posts]
+    assert len(texts) == 3, texts  # never more than 2 in a minute, then one summary for the rest
+    singles, summary = texts[:2], texts[2]
+    assert all(t.split(" ", 1)[0] in ids for t in singles)
+    assert summary.startswith("and 4 more: 4 completed"), summary
+    assert posts[2].at - posts[0].at >= 59.0, "the summary came inside the first minute"

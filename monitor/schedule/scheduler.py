@@ -141,7 +141,7 @@ class Scheduler:
         not_found_min_span_s: float = 5.0,
         error_backoff_base_s: float = 1.0,
         error_backoff_cap_s: float = 60.0,
-        stall_after_s: float | None = None,
+        stall_after: float | None = None,  # seconds ([polling] stall_after); None: "auto"
         listener: SchedulerListener | None = None,
         rng: random.Random | None = None,
         spawn: Spawn = _create_task,
@@ -158,7 +158,7 @@ class Scheduler:
         self._err_base = error_backoff_base_s
         self._err_cap = error_backoff_cap_s
         self._listener: SchedulerListener = listener or NullListener()
-        self.stalls = StallDetector(clock, stall_after_s)  # None: "auto"
+        self.stalls = StallDetector(clock, stall_after)
         self._rng = rng or random.Random()
         policy.bind_rate(lambda: budget.rate_per_s)
         self._states: dict[str, ExecState] = {}
