@@ -60,7 +60,7 @@ from monitor.schedule.policy import make_policy
 from monitor.schedule.scheduler import Scheduler
 from monitor.secrets import Secret
 from monitor.sinks.base import Sink
-from monitor.sinks.registry import SinkHandle, build_sinks, parse_sink_spec
+from monitor.sinks.registry import SinkHandle, build_sinks, handle_for, parse_sink_spec
 from monitor.state.rows import TrackedRow, TrackRequest
 from monitor.state.store import Store
 from monitor.storegate import StoreGate
@@ -730,6 +730,6 @@ def _sink_objects(sinks: Sequence[str | Sink]) -> list[SinkHandle]:
         if isinstance(sink, str):
             continue
         name = getattr(sink, "name", None) or f"{type(sink).__name__}#{index}"
-        sink.name = name
-        handles.append(SinkHandle(name, sink, SinkConfig(type=type(sink).__name__, index=index, source="Monitor")))
+        config = SinkConfig(type=type(sink).__name__, index=index, source="Monitor")
+        handles.append(handle_for(sink, name, config, f"Monitor(sinks=...) #{index}"))
     return handles

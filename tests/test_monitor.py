@@ -283,3 +283,29 @@ async def test_a_dying_housekeeping_task_fails_the_monitor(
         await mon.track(ids)
         await _assert_fails_loudly(mon, ids, task)
         monkeypatch.undo()  # closing flushes too
+
+
+class _HoldingSink:
+    """A Sink object handed to the constructor: its concurrency and hold time must be kept."""
+
+    name: str | None = None
+    concurrency = 3
+    hold_s = 5.0
+
+    async def open(self) -> None:
+        return None
+
+    async def send(self, record: dict[str, object]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_sink_object_keeps_its_concurrency_and_hold_time(sim: tuple[Simulator, str]) -> None:
+    _, url = sim
+    async with monitor_for(url, sinks=[_HoldingSink()]) as mon:
+        [handle] = mon.delivery.sinks
+    assert handle.name == "_HoldingSink#1"
+    assert handle.concurrency == 3
+    assert handle.config.timeout_s == 10.0 + 5.0  # the default timeout plus the time it may hold a record

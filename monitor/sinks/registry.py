@@ -92,9 +92,14 @@ def build_sinks(sink_configs: Sequence[SinkConfig], *, source: str | None = None
         sink = factory.from_options(options, config)
         if not isinstance(sink, Sink):
             raise UsageError(f"{where}: sink type {config.type!r} did not build a sink (open/send/close)")
-        sink.name = name
-        handles.append(SinkHandle(name, sink, _with_hold(config, sink, where), _concurrency(sink, where)))
+        handles.append(handle_for(sink, name, config, where))
     return handles
+
+
+def handle_for(sink: Sink, name: str, config: SinkConfig, where: str) -> SinkHandle:
+    """A built sink as the delivery engine uses it: named, with its own concurrency and hold time."""
+    sink.name = name
+    return SinkHandle(name, sink, _with_hold(config, sink, where), _concurrency(sink, where))
 
 
 def _sink_name(raw: object, config: SinkConfig, shared_type: bool, where: str) -> str:
