@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class StateConfig:
     path: str = "execmon.db"
     fault_grace_s: float = 300.0  # how long a failing store (disk full, I/O, busy) may pause work
     retention: float = 7 * 86400.0  # seconds an ended, delivered execution is kept before it is pruned
+    url: str | None = None  # postgresql://...: the state lives in PostgreSQL (replicas), `path` is unused
+    lease_s: float = 30.0  # PostgreSQL: a replica that stops renewing loses its executions after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +169,12 @@ class Config:
 # --- loading -------------------------------------------------------------------------------------
 
 
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
 def _show(value: Any) -> str:
-    shown = repr(value)
+    """What was found, for an error; a password in a URL is masked (a state.url may carry one)."""
+    shown = repr(_URL_PASSWORD.sub(r"\1:***@", value) if isinstance(value, str) else value)
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 

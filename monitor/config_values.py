@@ -27,6 +27,7 @@ ENV_KEYS = {
     "state.path": "EXECMON_STATE",
     "state.fault_grace_s": "EXECMON_STATE_FAULT_GRACE_S",
     "state.retention": "EXECMON_STATE_RETENTION",
+    "state.url": "EXECMON_STATE_URL",
     "logging.level": "EXECMON_LOG_LEVEL",
     "control.listen": "EXECMON_CONTROL_LISTEN",
 }
@@ -52,6 +53,22 @@ def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Invalid("a non-empty string")
     return value
+
+
+def _state_url(value: Any) -> str | None:
+    """A PostgreSQL URL; what was found is never echoed, since a URL may carry a password."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
+        raise Invalid("a PostgreSQL URL (postgresql://user@host/db; keep the password in ~/.pgpass or PGPASSFILE)")
+    return value
+
+
+def _lease(value: Any) -> float:
+    seconds = float(_seconds(positive=True)(value))
+    if seconds < 3:
+        raise Invalid("at least 3 seconds (replicas renew their leases every lease_s / 3)")
+    return seconds
 
 
 def _optional_text(value: Any) -> str | None:
@@ -189,7 +206,13 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "deadline_s": _seconds(),
         "stall_after": _stall_after,
     },
-    "state": {"path": _text, "fault_grace_s": _seconds(positive=True), "retention": _seconds(positive=True)},
+    "state": {
+        "path": _text,
+        "fault_grace_s": _seconds(positive=True),
+        "retention": _seconds(positive=True),
+        "url": _state_url,
+        "lease_s": _lease,
+    },
     "control": {
         "listen": _listen,
         "token_env": _text,

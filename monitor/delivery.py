@@ -27,7 +27,8 @@ from monitor.logs import get_logger
 from monitor.records import TerminalEvent, build_result_record
 from monitor.sinks.lane import DeliveryMetrics, Lane, LaneContext, SinkCounters, Spawn
 from monitor.sinks.registry import SinkHandle
-from monitor.state.store import FinishResult, Store
+from monitor.state.protocol import StateStore
+from monitor.state.rows import FinishResult
 
 __all__ = ["Delivery", "DeliveryMetrics", "SinkCounters"]
 
@@ -47,7 +48,7 @@ class Delivery:
 
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         sinks: Sequence[SinkHandle],
         clock: Clock,
         *,
@@ -145,6 +146,17 @@ class Delivery:
         if added:
             self.notify()
         return added
+
+    def rescan(self) -> None:
+        """Look at every pending row again: with replicas, rows that another replica claimed and
+        then let lapse (it stopped) become this one's to deliver. A store fault waits for the next."""
+        for lane in self._lanes.values():
+            try:
+                if lane.scan(from_start=True):
+                    lane.wake.set()
+            except StoreFault as exc:
+                self._on_store_fault(exc)
+                return
 
     def notify(self) -> None:
         """New outbox rows were committed: every lane picks up its own."""

@@ -27,7 +27,7 @@ from monitor.api.models import StatusRecord
 from monitor.clock import Clock, parse_iso
 from monitor.config import Config, SinkConfig, find_config_path, load_config
 from monitor.delivery import Delivery
-from monitor.errors import ExecmonError, KeyRejectedError, MonitorFailed, StoreFault
+from monitor.errors import ExecmonError, KeyRejectedError, LeaseLost, MonitorFailed, StoreFault
 from monitor.events import (
     Ended,
     Event,
@@ -54,6 +54,7 @@ from monitor.records import (
     build_stall_record,
     new_batch_id,
 )
+from monitor.replicas import LEASE_SHARE, LeaseKeeper
 from monitor.results import Result
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import make_policy
@@ -61,12 +62,17 @@ from monitor.schedule.scheduler import Scheduler
 from monitor.secrets import Secret
 from monitor.sinks.base import Sink
 from monitor.sinks.registry import SinkHandle, build_sinks, handle_for, parse_sink_spec
+from monitor.state.pg import redact_url
+from monitor.state.pg.store import PgStore
 from monitor.state.rows import TrackedRow, TrackRequest
+from monitor.state.select import is_postgres_url, state_path
 from monitor.state.store import Store
 from monitor.storegate import StoreGate
 from monitor.supervisor import Supervisor
 
 log = get_logger(__name__)
+
+AnyStore = Store | PgStore
 
 _METRICS_EVERY_S = 5.0
 _FLUSH_EVERY_S = 1.0  # poll bookkeeping is written in batches; a kill loses at most this much (one extra poll)
@@ -91,7 +97,8 @@ class Monitor:
     ```
     Keywords left out come from the `EXECMON_*` environment variables, then the defaults.
     `state=None` keeps everything in memory; a path is an SQLite file with the durability of
-    `execmon watch --state` (a restart resumes; nothing is delivered twice to the file sink).
+    `execmon watch --state` (a restart resumes; nothing is delivered twice to the file sink);
+    a `postgresql://` URL shares the state, the budget and the work with other replicas.
     `sinks`: specs such as `"jsonl:results.jsonl"` or `"webhook:URL"`, or Sink objects.
     """
 
@@ -111,7 +118,8 @@ class Monitor:
         elif base_url is not None or api_key is not None or rate_limit is not None or policy is not None:
             raise TypeError("give either config= or the keywords base_url/api_key/rate_limit/policy, not both")
         self.config = config
-        self.state_path = None if state is None else Path(state)
+        self.state_path = state_path(state)
+        self.state_url = str(state) if is_postgres_url(state) else None
         self.metrics = Metrics()
         self._sinks = build_sinks(config.sinks) + _sink_objects(sinks)
         self._subscribers: list[Subscriber] = []
@@ -141,7 +149,9 @@ class Monitor:
         if overrides.get("api_key") is not None:
             config = dataclasses.replace(config, env_api_key=_secret(overrides["api_key"]))
         objects = [s for s in sinks if not isinstance(s, str)]
-        return cls(config=config, state=config.state.path if state is ... else state, sinks=objects)
+        if state is ...:
+            state = config.state.url or config.state.path
+        return cls(config=config, state=state, sinks=objects)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -149,7 +159,7 @@ class Monitor:
         if self._parts is not None or self._closed:
             raise RuntimeError("a Monitor runs once: make a new one")
         clock = Clock()
-        store = Store.open(self.state_path)  # None: in memory
+        store = self._open_store()
         try:
             gate = StoreGate(store, grace_s=self.config.state.fault_grace_s, on_change=self._on_store_change)
             await self._supervisor.start()
@@ -169,6 +179,8 @@ class Monitor:
             parts.scheduler = self._new_scheduler(self.config, clock, client, budget)
             self._resume(parts.scheduler, store.load_active())
             spawn = self._supervisor.spawn
+            if isinstance(store, PgStore):
+                spawn(self._lease_keeper(parts, store).run(), "execmon-leases", forever=True)
             spawn(parts.scheduler.run(), "execmon-scheduler", forever=True)
             spawn(gate.run(), "execmon-store-gate", forever=True)
             spawn(self._flush_polls(), "execmon-poll-bookkeeping", forever=True)
@@ -200,6 +212,7 @@ class Monitor:
             if self.failure is None:
                 self._supervisor.winding_down()  # the scheduler's task ends with its stop: expected
                 await parts.require_scheduler().stop(grace_s / 2)
+                self._release_leases(parts.store)
                 await parts.delivery.drain(timeout=max(0.0, deadline - loop.time()))
         finally:
             await self._supervisor.stop()
@@ -207,7 +220,13 @@ class Monitor:
             await self._close_parts(parts.store)
             self._parts = None
 
-    async def _close_parts(self, store: Store) -> None:
+    def _release_leases(self, store: AnyStore) -> None:
+        """A replica that stops cleanly hands its executions over at once, not after lease_s."""
+        if isinstance(store, PgStore):
+            with contextlib.suppress(StoreFault):  # the leases then lapse by themselves
+                store.release_all()
+
+    async def _close_parts(self, store: AnyStore) -> None:
         parts = self._parts
         if parts is not None:
             await parts.delivery.close()
@@ -217,6 +236,31 @@ class Monitor:
         store.close()  # flushes the poll bookkeeping first
 
     # -- building the parts --------------------------------------------------------------------
+
+    def _open_store(self) -> AnyStore:
+        if self.state_url is None:
+            return Store.open(self.state_path)  # None: in memory
+        lease = self.config.state.lease_s * LEASE_SHARE
+        return PgStore.open(self.state_url, lease_s=lease)
+
+    def _lease_keeper(self, parts: _Parts, store: PgStore) -> LeaseKeeper:
+        scheduler = parts.require_scheduler()
+
+        def gained(rows: Sequence[TrackedRow]) -> None:
+            self._resume(scheduler, rows, taken_over=True)  # the keeper logs takeovers
+
+        def lost(ids: Sequence[str]) -> None:
+            for execution_id in ids:
+                scheduler.untrack(execution_id)  # this process only: the new owner polls it
+
+        return LeaseKeeper(
+            store,
+            self.config.state.lease_s,
+            on_gained=gained,
+            on_lost=lost,
+            after_cycle=parts.delivery.rescan,
+            on_fault=parts.gate.report,
+        )
 
     def _new_client(self, config: Config) -> ExecutionsClient:
         return ExecutionsClient(
@@ -228,8 +272,11 @@ class Monitor:
         )
 
     def _new_budget(self, config: Config, parts: _Parts) -> Budget:
-        """The key's budget, primed with what the previous process spent (persisted per request)."""
+        """The key's budget, primed with what the previous process spent (persisted per request);
+        on PostgreSQL, one budget for every replica: each request takes a slot in the ledger."""
         store, clock = parts.store, parts.clock
+        if isinstance(store, PgStore):
+            return Budget(config.api.rate_limit, clock, shared=store.shared_slots(config, on_fault=parts.gate.report))
         now = clock.wall()
         timeout = config.api.request_timeout_s
         rate = config.api.rate_limit
@@ -275,7 +322,9 @@ class Monitor:
             spawn=self._supervisor.spawner(),
         )
 
-    def _resume(self, scheduler: Scheduler, rows: Iterable[TrackedRow]) -> None:
+    def _resume(self, scheduler: Scheduler, rows: Iterable[TrackedRow], *, taken_over: bool = False) -> None:
+        """Schedule executions from the store as they were; those `taken_over` from a replica that
+        stopped are polled first, since nobody has polled them for a while."""
         count = 0
         for row in rows:
             # The deadline counts from the original tracked_since, which the restored state keeps.
@@ -287,9 +336,14 @@ class Monitor:
                 labels=row.labels,
                 restored=row.schedule or {"tracked_since": row.tracked_since, "polls": row.polls},
             )
+            if taken_over:
+                scheduler.poll_first(row.execution_id)
             count += 1
-        if count:
-            log.info("resumed tracked executions", count=count, state=str(self.state_path))
+        if count and not taken_over:
+            log.info("resumed tracked executions", count=count, state=self._state_name())
+
+    def _state_name(self) -> str:
+        return redact_url(self.state_url) if self.state_url is not None else str(self.state_path or ":memory:")
 
     # -- background work -----------------------------------------------------------------------
 
@@ -325,6 +379,8 @@ class Monitor:
             self.metrics.set_budget(stats.used, math.inf if stats.free is None else stats.free)
             try:
                 counts = {state: parts.store.count_executions(state) for state in ("pending", "running", *_OUTCOMES)}
+                if isinstance(parts.store, PgStore):
+                    self.metrics.set_replica_executions(parts.store.owned_counts())
             except StoreFault as exc:
                 parts.gate.report(exc)
             else:
@@ -530,7 +586,7 @@ class Monitor:
         return self._require_parts().clock
 
     @property
-    def store(self) -> Store:
+    def store(self) -> AnyStore:
         return self._require_parts().store
 
     @property
@@ -567,6 +623,11 @@ class Monitor:
         except StoreFault as exc:
             parts.gate.report(exc)
             raise  # the scheduler keeps the execution and asks again once the store records
+        except LeaseLost:
+            # Another replica holds it now (this one was paused or cut off): its result is theirs
+            # to record; this one drops it, having written nothing.
+            log.info("lease lost before the result was recorded", execution_id=event.execution_id)
+            return
         if not finished.newly_terminal:
             return
         stamp = parse_iso(event.status.finished_at or "") if event.status is not None else None
@@ -669,7 +730,7 @@ class _Parts:
     """What a running Monitor holds; built in order by `__aenter__`."""
 
     clock: Clock
-    store: Store
+    store: AnyStore
     gate: StoreGate
     delivery: Delivery
     client: ExecutionsClient | None = None

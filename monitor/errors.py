@@ -24,3 +24,13 @@ class MonitorFailed(ExecmonError):
 class StoreFault(ExecmonError):
     """A transient fault of the state store (disk full, I/O error, database busy): not corruption.
     Polling pauses and the store is retried; the operation that raised it did not happen."""
+
+
+class LeaseLost(ExecmonError):
+    """Replicas: another replica holds this execution now (this one's lease lapsed and was taken).
+    What this replica was about to write for it was not written; the new owner reports the result.
+    Not a StoreFault: the store works, this replica just no longer owns the execution."""
+
+    def __init__(self, execution_id: str) -> None:
+        super().__init__(f"execution {execution_id} is held by another replica now")
+        self.execution_id = execution_id

@@ -67,6 +67,13 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        self._replica_executions = Gauge(
+            "replica_executions",
+            "PostgreSQL replicas: active executions each replica holds a lease on.",
+            ["replica"],
+            namespace=ns,
+            registry=reg,
+        )
         self._outbox_depth = Gauge(
             "outbox_depth", "Results waiting in the outbox for delivery.", namespace=ns, registry=reg
         )
@@ -158,6 +165,12 @@ class Metrics:
         self._stalled.clear()
         for kind, count in counts_by_kind.items():
             self._stalled.labels(kind=kind).set(count)
+
+    def set_replica_executions(self, counts_by_replica: Mapping[str, int]) -> None:
+        """Replace the whole per-replica breakdown, so that a replica that left drops to nothing."""
+        self._replica_executions.clear()
+        for replica, count in counts_by_replica.items():
+            self._replica_executions.labels(replica=replica).set(count)
 
     def set_store_healthy(self, healthy: bool) -> None:
         self._store_healthy.set(1 if healthy else 0)

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytest_plugins = ["pg"]  # tests/pg.py: a real PostgreSQL started by the tests
+
 
 @pytest.fixture(autouse=True)
 def _close_stray_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:

@@ -108,6 +108,7 @@ def test_every_environment_variable_sets_its_key() -> None:
         "EXECMON_STATE": "/tmp/x.db",
         "EXECMON_STATE_FAULT_GRACE_S": "90s",
         "EXECMON_STATE_RETENTION": "2d",
+        "EXECMON_STATE_URL": "postgresql://execmon@db.example.com/execmon",
         "EXECMON_LOG_LEVEL": "DEBUG",
         "EXECMON_CONTROL_LISTEN": "[::1]:0",
     }
@@ -119,6 +120,7 @@ def test_every_environment_variable_sets_its_key() -> None:
     assert config.state.path == "/tmp/x.db"
     assert config.state.fault_grace_s == 90.0
     assert config.state.retention == 2 * 86400.0
+    assert config.state.url == "postgresql://execmon@db.example.com/execmon"
     assert config.logging.level == "debug"
     assert config.control.listen == ("::1", 0)
 
@@ -399,3 +401,17 @@ def test_find_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert find_config_path(None, env={"EXECMON_CONFIG": "env.toml"}) == Path("env.toml")
     (tmp_path / "execmon.toml").write_text("", encoding="utf-8")
     assert find_config_path(None, env={}) == Path("execmon.toml")
+
+
+@pytest.mark.parametrize("url", ["mysql://bob:hunter2@db/x", "db.example.com", "sqlite:///x.db"])
+def test_a_state_url_that_is_not_postgresql_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={"EXECMON_STATE_URL": url})
+    assert "state.url" in str(caught.value)
+    assert "PostgreSQL URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_lease_s_below_three_seconds_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at least 3 seconds"):
+        load_config(None, env={}, overrides={"state.lease_s": "2"})

@@ -302,3 +302,22 @@ def test_adaptive_learns_that_silent_runs_end_more_often() -> None:
     answer_running(policy, policy_take(policy, survivor_silent, 200.0), 200.0, 0)
     answer_running(policy, policy_take(policy, survivor_talking, 200.0), 200.0, 40)
     assert survivor_silent.weight > 3 * survivor_talking.weight
+
+
+@pytest.mark.parametrize("name", ["backoff", "adaptive"])
+def test_poll_first_goes_ahead_of_everything_in_order_and_only_once(name: str) -> None:
+    policy = make_policy(name)
+    states = [ExecState(f"exec_{i}", 0.0) for i in range(5)]
+    for state in states:
+        policy.add(state, 0.0)
+    policy.poll_first(states[4])
+    policy.poll_first(states[3])
+    assert policy.ready_at(0.0) == 0.0
+    assert policy.choose(0.0) is states[4]
+    assert policy.choose(0.0) is states[3]
+    untracked = states[2]
+    policy.poll_first(untracked)
+    untracked.live = False
+    policy.remove(untracked, 0.0)
+    chosen = policy.choose(100.0)
+    assert chosen is not untracked  # an untracked execution is skipped, not polled

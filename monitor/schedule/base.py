@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
 from typing import ClassVar
@@ -39,6 +40,7 @@ class Policy(ABC):
 
     def __init__(self) -> None:
         self._held = LazyHeap()
+        self._first: deque[tuple[int, ExecState]] = deque()  # (ver, state): polled before anything else
         self._count = 0
         self._rate: Callable[[], float] = lambda: 0.5
 
@@ -72,16 +74,36 @@ class Policy(ABC):
         state.ver += 1
         self._held.push(until, state)
 
+    def poll_first(self, state: ExecState) -> None:
+        """Poll it before anything else, in the order asked (an execution taken over from a replica
+        that stopped: nobody has polled it for a while). Its queued entries go stale meanwhile."""
+        state.ver += 1
+        self._first.append((state.ver, state))
+
     def choose(self, now: float) -> ExecState | None:
         """The execution to spend a token on now, taken out of the queue; None: nothing worth it."""
-        self._release_held(now)
-        state = self._pick(now)
+        state = self._first_live()
+        if state is not None:
+            self._first.popleft()
+        else:
+            self._release_held(now)
+            state = self._pick(now)
         if state is not None:
             state.ver += 1
         return state
 
+    def _first_live(self) -> ExecState | None:
+        while self._first:
+            ver, state = self._first[0]
+            if ver == state.ver and state.live:
+                return state
+            self._first.popleft()  # polled, untracked or rescheduled since
+        return None
+
     def ready_at(self, now: float) -> float:
         """The earliest time `choose` may return something (inf: not before something changes)."""
+        if self._first_live() is not None:
+            return now
         held = self._held.top()
         return min(held[0] if held else math.inf, self._ready_at(now))
 

@@ -18,6 +18,14 @@ A 429 (`throttle`) pauses the whole key until Retry-After (capped) and halves th
 few windows. A rejected key (`block`) stops every new request until `unblock`. `history` carries the
 stamps of requests a previous process made (loop time; the store persists them through the
 `on_request_started` / `on_request_done` hooks), so a restart does not spend them a second time.
+
+Replicas sharing one key (`shared`, e.g. a ledger in PostgreSQL): once the local pacing and window
+let a request start, `shared.take` must also give it a slot, counted across every replica by the
+shared store's clock; if it refuses, the budget waits what it says (clamped, then asks again). The
+slot's id is the ticket's `slot`; release calls `shared.done` (sent) or `shared.cancel` (never sent).
+A 429 and a rejected key are passed on (`pause`, `block`/`unblock`), and a pause or block set by
+another replica is honoured because `take` refuses. The shared calls are short and synchronous; a
+StoreFault from them propagates, as one from the hooks does, after the local accounting is done.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
 from monitor.clock import Clock
+from monitor.errors import StoreFault
 from monitor.logs import get_logger
 from monitor.rates import DEFAULT_RATE_LIMIT, RateLimit
 
@@ -40,19 +50,39 @@ log = get_logger(__name__)
 
 _UNLIMITED_PAUSE_S = 1.0  # a 429 without Retry-After when there is no window to halve
 _MIN_WAIT_S = 1e-6  # a stamp exactly T old still counts (the window is (now - T, now]): wait past it
+_SHARED_MIN_WAIT_S = 0.005  # a refused shared take is asked again no sooner: each ask is a round trip
 
 StartedHook = Callable[[float], object]  # stamp -> token (e.g. a row id)
 DoneHook = Callable[[object, float | None], None]  # token, stamp (None: the ticket was never used)
 
 
+class SharedSlots(Protocol):
+    """The key's budget as other processes spend it too (see the module's docstring)."""
+
+    def take(self, rate: RateLimit) -> tuple[int | None, float]:
+        """(slot, 0.0) if a request may start now; else (None, seconds to wait before asking again)."""
+        ...
+
+    def done(self, slot: int) -> None: ...  # the answer came back
+
+    def cancel(self, slot: int) -> None: ...  # never sent: free the slot
+
+    def pause(self, seconds: float) -> None: ...  # a 429: every process waits
+
+    def block(self, reason: str) -> None: ...  # the key was rejected
+
+    def unblock(self) -> None: ...
+
+
 class Ticket:
     """The right to make one request; give it back with `Budget.release`."""
 
-    __slots__ = ("released", "started_at", "token")
+    __slots__ = ("released", "slot", "started_at", "token")
 
-    def __init__(self, started_at: float, token: object) -> None:
+    def __init__(self, started_at: float, token: object, slot: int | None = None) -> None:
         self.started_at = started_at
         self.token = token
+        self.slot = slot  # the shared budget's slot, if any
         self.released = False
 
 
@@ -83,6 +113,7 @@ class Budget:
         slow_windows: float = 3.0,
         on_request_started: StartedHook | None = None,
         on_request_done: DoneHook | None = None,
+        shared: SharedSlots | None = None,
     ) -> None:
         self.rate = rate
         self._clock = clock
@@ -99,6 +130,7 @@ class Budget:
         self._slow_windows = slow_windows
         self._on_started = on_request_started
         self._on_done = on_request_done
+        self._shared = shared
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self.requests = 0
@@ -126,18 +158,40 @@ class Budget:
         async with self._lock:  # one waiter at a time: FIFO, and each sees the previous one's stamp
             if self._pacer is not None:
                 await self._pacer.acquire()
+            slot: int | None = None
             while True:
                 wait = self._wait_needed(self._now())
+                if wait is None and self._shared is not None and self.rate is not None:
+                    slot, wait = self._take_shared(self._shared, self.rate)
                 if wait is None:
                     break
                 await self._sleep_or_change(wait)
             now = self._now()
             # Recorded first: if recording fails (the state store), nothing is counted or sent.
-            token = self._on_started(now) if self._on_started is not None and self.rate is not None else None
+            try:
+                token = self._on_started(now) if self._on_started is not None and self.rate is not None else None
+            except BaseException:
+                if slot is not None:
+                    self._cancel_quietly(slot)
+                raise
             self._in_flight += 1
             self._last_start = now
             self.requests += 1
-            return Ticket(now, token)
+            return Ticket(now, token, slot)
+
+    @staticmethod
+    def _take_shared(shared: SharedSlots, rate: RateLimit) -> tuple[int | None, float | None]:
+        """(slot, None) once the shared budget gave one; else (None, how long to wait before asking again)."""
+        slot, wait = shared.take(rate)  # a StoreFault propagates: nothing was counted here
+        if slot is not None:
+            return slot, None
+        # Never longer than one local interval, so an unblock or a freed slot is seen soon.
+        return None, min(max(wait, _SHARED_MIN_WAIT_S), rate.window_s / rate.limit)
+
+    def _cancel_quietly(self, slot: int) -> None:
+        if self._shared is not None:
+            with suppress(StoreFault):  # the slot then counts until it expires: safe, only a bit slower
+                self._shared.cancel(slot)
 
     def release(self, ticket: Ticket, *, used: bool = True) -> None:
         """The request is over (its answer, or its failure, came back). `used=False`: never sent."""
@@ -151,9 +205,13 @@ class Budget:
             self.requests -= 1
         elif limited:
             self._stamps.append(now)
-        if self._on_done is not None and limited:
-            self._on_done(ticket.token, now if used else None)
-        self._notify()
+        try:
+            if self._on_done is not None and limited:
+                self._on_done(ticket.token, now if used else None)
+            self._notify()
+        finally:
+            if ticket.slot is not None and self._shared is not None:  # last: the local accounting is done
+                (self._shared.done if used else self._shared.cancel)(ticket.slot)
 
     @asynccontextmanager
     async def spend(self) -> AsyncIterator[Ticket]:
@@ -239,15 +297,21 @@ class Budget:
         self.throttles += 1
         log.warning("api key throttled", pause_s=round(pause, 3), slowed_for_s=slowed_for)
         self._notify()
+        if self._shared is not None:
+            self._shared.pause(pause)
 
-    def block(self) -> None:
-        """The key was rejected: no request starts until `unblock`."""
+    def block(self, reason: str = "key rejected") -> None:
+        """The key was rejected: no request starts until `unblock` (in any replica, if shared)."""
         self._blocked = True
         self._notify()
+        if self._shared is not None:
+            self._shared.block(reason)
 
     def unblock(self) -> None:
         self._blocked = False
         self._notify()
+        if self._shared is not None:
+            self._shared.unblock()
 
     @property
     def blocked(self) -> bool:

@@ -230,6 +230,13 @@ class Scheduler:
         self._check_idle()
         return True
 
+    def poll_first(self, execution_id: str) -> None:
+        """Poll it before anything else (taken over from a replica that stopped: nobody has for a while)."""
+        state = self._states.get(execution_id)
+        if state is not None and state.live and not state.in_flight:
+            self._policy.poll_first(state)
+            self._wake.notify()
+
     def export_state(self, execution_id: str) -> dict[str, Any] | None:
         """JSON-able schedule state (epoch times) to persist and pass back as `restored`."""
         state = self._states.get(execution_id)

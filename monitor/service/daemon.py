@@ -44,6 +44,7 @@ from monitor.service.control import (
 )
 from monitor.service.control_token import load_or_create_token, token_path
 from monitor.service.stall import StallMonitor
+from monitor.state.pg import redact_url
 
 log = get_logger(__name__)
 
@@ -89,7 +90,7 @@ def check_engine_config(config: Config) -> None:
 def default_engine_factory(config: Config) -> EngineLike:
     from monitor.engine import Monitor  # noqa: PLC0415 - imported late: the heavy part of the daemon
 
-    engine: EngineLike = Monitor(config=config, state=config.state.path)
+    engine: EngineLike = Monitor(config=config, state=config.state.url or config.state.path)
     return engine
 
 
@@ -186,7 +187,7 @@ class Daemon:
             engine.subscribe(_log_key_events)
         self.state.backend = self._backend_factory(engine)  # from now on /healthz follows the engine
         self._watchdog = asyncio.get_running_loop().create_task(self._stop_on_failure(engine), name="execmon-watchdog")
-        log.info("daemon started", control=self._server.url, config=config.source, state=config.state.path)
+        log.info("daemon started", control=self._server.url, config=config.source, state=_state_name(config))
 
     async def _stop_on_failure(self, engine: EngineLike) -> None:
         """The Monitor failed: /healthz already says why; stop, and `serve` exits 1."""
@@ -334,3 +335,8 @@ def run_daemon(
         config_path, engine_factory=engine_factory, backend_factory=backend_factory, validate_config=validate_config
     )
     return asyncio.run(serve(daemon))
+
+
+def _state_name(config: Config) -> str:
+    """Where the state lives, for the log: the file, or the database URL without its password."""
+    return redact_url(config.state.url) if config.state.url else config.state.path

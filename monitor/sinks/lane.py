@@ -26,8 +26,8 @@ from monitor.logs import get_logger
 from monitor.sinks.base import DeliveryError
 from monitor.sinks.circuit import Circuit
 from monitor.sinks.registry import SinkHandle
+from monitor.state.protocol import StateStore
 from monitor.state.rows import DeliveryState, OutboxRow
-from monitor.state.store import Store
 
 log = get_logger("monitor.delivery")
 
@@ -62,7 +62,7 @@ class LaneContext:
     (some settled, or its pump found new ones), `dead` of them became dead letters; the engine's
     gauges and `drain` follow."""
 
-    store: Store
+    store: StateStore
     clock: Clock
     rng: random.Random
     metrics: DeliveryMetrics | None

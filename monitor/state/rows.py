@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from monitor.records import Outcome
 
@@ -92,7 +91,13 @@ def _loads_obj(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def tracked_from(row: sqlite3.Row) -> TrackedRow:
+class Row(Protocol):
+    """A row read by name: an sqlite3.Row, or a psycopg dict row."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def tracked_from(row: Row) -> TrackedRow:
     outcome = row["terminal_outcome"]
     return TrackedRow(
         execution_id=row["execution_id"],
@@ -109,7 +114,7 @@ def tracked_from(row: sqlite3.Row) -> TrackedRow:
     )
 
 
-def outbox_from(row: sqlite3.Row) -> OutboxRow:
+def outbox_from(row: Row) -> OutboxRow:
     return OutboxRow(
         seq=row["seq"],
         event_id=row["event_id"],
