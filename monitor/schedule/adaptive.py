@@ -231,12 +231,17 @@ class AdaptivePolicy(Policy):
 def _estimate(state: ExecState) -> Eta | None:
     """The end predicted from its progress samples, or None without usable progress."""
     # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
-    pairs = [(t, p) for t, p in state.sample_pairs() if 0 < p < 99]
+    every = state.sample_pairs()
+    pairs = [(t, p) for t, p in every if 0 < p < 99]
     if not pairs:
         return None
-    if not anchor_is_plausible(pairs, state.tracked_since):
+    # The run started when it was tracked, or later: the last answer at 0 % says when at the latest
+    # it was still waiting (its updated_at: when it left the queue, if it did).
+    first = pairs[0][0]
+    origin = max([state.tracked_since] + [t for t, p in every if p <= 0 and t < first])
+    if not anchor_is_plausible(pairs, origin):
         return fit_eta(pairs)
-    eta = fit_eta_origin(pairs, state.tracked_since)
+    eta = fit_eta_origin(pairs, origin)
     if eta is None:
         return None
     # Progress never runs ahead of time by more than its noise: each sample bounds the duration,
@@ -244,11 +249,11 @@ def _estimate(state: ExecState) -> Eta | None:
     # fit then predicts late; the bound catches that.
     margin = 3.0 * PRIOR_NOISE  # not the residuals: a staircase has large ones, its noise need not
     bound = min(
-        (100.0 * (t - state.tracked_since) / (p - margin) for t, p in pairs if p > margin + 5.0),
+        (100.0 * (t - origin) / (p - margin) for t, p in pairs if p > margin + 5.0 and t > origin),
         default=math.inf,
     )
-    if state.tracked_since + bound < eta.at:
-        return Eta(at=state.tracked_since + bound, sd=eta.sd, slope=100.0 / bound)
+    if 0 < bound and origin + bound < eta.at:
+        return Eta(at=origin + bound, sd=eta.sd, slope=100.0 / bound)
     return eta
 
 

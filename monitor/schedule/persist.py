@@ -63,7 +63,7 @@ def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
             if isinstance(item, list | tuple) and len(item) == 2:
                 t, p = _number(item[0]), _number(item[1])
                 if t is not None and p is not None:
-                    state.add_sample(clock.to_loop(t), int(p))
+                    state.add_sample(clock.to_loop(t), p)
 
 
 def _number(value: object) -> float | None:

@@ -398,8 +398,20 @@ class Scheduler:
             return
         state.last_poll = now
         if status.progress is not None:
-            state.add_sample(now, status.progress)
+            state.add_sample(self._stamp(state, status, now), status.progress)
         self._policy.polled(state, now)
+
+    def _stamp(self, state: ExecState, status: StatusRecord, now: float) -> float:
+        """When the reported progress was reached: `updated_at` when the server sent a plausible one
+        (not in the future, not before the previous sample's stamp), else the moment of the poll."""
+        stamp = parse_iso(status.updated_at) if status.updated_at else None
+        if stamp is None:
+            return now
+        at = min(self._clock.to_loop(stamp), now)
+        samples = state.samples
+        if samples:
+            at = max(at, samples[-2])
+        return at
 
     async def _handle_error(self, state: ExecState, exc: ApiError) -> None:
         now = self._clock.now()
