@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -292,13 +293,41 @@ def test_adaptive_learns_that_silent_runs_end_more_often() -> None:
         answer_running(policy, policy_take(policy, state, 100.0), 100.0, 20)
     for state in silent:
         answer_running(policy, policy_take(policy, state, 100.0), 100.0, 0)
-    # Ten silent runs ended (completed), nobody failed: silent runs look risky, talking ones do not.
+    # Ten silent runs ended (completed) at age 200 s, nobody failed: silent runs of that age look
+    # risky, talking ones do not.
     for state in silent[:10]:
         state.live = False
-        policy.remove(state, 150.0)
-        policy.finished(state, 150.0, Outcome.COMPLETED)
+        policy.remove(state, 200.0)
+        policy.finished(state, 200.0, Outcome.COMPLETED)
     assert policy.silent_rate() > 10 * policy.unexpected_rate()
     survivor_silent, survivor_talking = silent[10], talking[0]
     answer_running(policy, policy_take(policy, survivor_silent, 200.0), 200.0, 0)
     answer_running(policy, policy_take(policy, survivor_talking, 200.0), 200.0, 40)
     assert survivor_silent.weight > 3 * survivor_talking.weight
+
+
+def test_adaptive_learns_run_times_by_kind_and_exports_them() -> None:
+    """Runs of a kind that always take 600-700 s: a silent run of that kind at 100 s is polled less
+    often than one at 650 s, and a fresh policy that imports the export knows it too."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    ended = [ExecState(f"k{i}", 0.0, labels={"kind": "report"}) for i in range(30)]
+    for state in ended:
+        policy.add(state, 0.0)
+    for i, state in enumerate(ended):
+        state.last_poll = 600.0 + 3 * i
+        policy.polled(state, 600.0 + 3 * i)
+        state.live = False
+        policy.remove(state, 600.0 + 3 * i)
+        policy.finished(state, 600.0 + 3 * i, Outcome.COMPLETED)
+    young, old = ExecState("y", 1000.0, labels={"kind": "report"}), ExecState("o", 400.0, labels={"kind": "report"})
+    for state in (young, old):
+        policy.add(state, 1000.0)
+        state.last_poll = 1050.0
+        policy.polled(state, 1050.0)
+    assert old.weight > 3 * young.weight  # age 650 s: ends likely; age 50 s: none ever seen
+    fresh = AdaptivePolicy()
+    fresh.import_learning(json.loads(json.dumps(policy.export_learning())))
+    table = fresh.durations.tables["report"]
+    assert table.events == 30
+    assert table.weight(650.0) > 3 * table.weight(50.0)

@@ -24,6 +24,7 @@ from monitor.schedule.base import (
     EPS,
     Policy,
 )
+from monitor.schedule.durations import AgeTable, Durations
 from monitor.schedule.estimate import PRIOR_NOISE, Eta, anchor_is_plausible, fit_eta, fit_eta_origin, gaussian_crossing
 from monitor.schedule.state import ExecState, LazyHeap
 
@@ -80,6 +81,18 @@ class AdaptivePolicy(Policy):
         self._unexpected = 0  # failed or cancelled ends: no progress announces them
         self._weights = 0.0  # sum over tracked executions of sqrt(hazard)
         self._left: deque[float] = deque()  # when executions left, over the last F
+        self.durations = Durations()  # ends by age per kind label (see export_learning)
+
+    # -- what it learned, for a restart ------------------------------------------------------------
+
+    def export_learning(self) -> dict[str, object]:
+        """Run times learned per kind, JSON-able (ages only): hand it to `import_learning` later."""
+        return {"durations": self.durations.export()}
+
+    def import_learning(self, data: object) -> None:
+        """Start informed: merge what `export_learning` gave (malformed parts are ignored)."""
+        if isinstance(data, dict):
+            self.durations.load(data.get("durations"))
 
     # -- the floor ---------------------------------------------------------------------------------
 
@@ -125,6 +138,9 @@ class AdaptivePolicy(Policy):
         seconds = until - state.exposed_to
         if seconds > 0:
             self._all.exposure += seconds
+            self.durations.table(_kind(state)).expose(
+                state.exposed_to - state.tracked_since, until - state.tracked_since
+            )
             if _silent(state):
                 self._silent.exposure += seconds
             state.exposed_to = until
@@ -132,6 +148,7 @@ class AdaptivePolicy(Policy):
     def finished(self, state: ExecState, ended_at: float, outcome: Outcome) -> None:
         self._expose(state, ended_at)
         self._all.events += 1
+        self.durations.table(_kind(state)).end(ended_at - state.tracked_since)
         if _silent(state):
             self._silent.events += 1
         if outcome is not Outcome.COMPLETED:
@@ -165,7 +182,8 @@ class AdaptivePolicy(Policy):
             hazard = self.unexpected_rate()
         else:
             state.eta = state.due = math.inf
-            hazard = self.silent_rate()
+            table = self._learned(state)
+            hazard = self.silent_rate() if table is None else table.weight(now - state.tracked_since) ** 2
         weight = math.sqrt(hazard)
         self._weights = max(self._weights + weight - state.weight, 0.0)
         state.weight = weight
@@ -176,10 +194,27 @@ class AdaptivePolicy(Policy):
             return self._cycle
         return self._cycle * (self._weights / self._count) / state.weight
 
+    def _learned(self, state: ExecState) -> AgeTable | None:
+        """Its kind's age table, once enough of that kind have ended; only for runs without progress."""
+        if not _silent(state):
+            return None
+        table = self.durations.tables.get(_kind(state))
+        return table if table is not None and table.events >= _MIN_EVENTS else None
+
+    def _round_key(self, state: ExecState) -> float:
+        """last poll + its period; without progress, the square-root rule at its age: the next poll
+        when the integral of sqrt(hazard(age)) since the last one reaches P * mean_j(sqrt(lambda_j))."""
+        table = self._learned(state) if math.isinf(state.due) else None
+        if table is None or self._count <= 0:
+            return state.last_poll + self._period(state)
+        unit = self._cycle * self._weights / self._count
+        limit = 4.0 * self._cycle * self.floor_factor
+        return state.last_poll + table.next_poll(state.last_poll - state.tracked_since, unit, limit)
+
     def _enqueue(self, state: ExecState) -> None:
         state.ver += 1
         self._floor.push(state.last_poll, state)
-        self._round.push(state.last_poll + self._period(state), state)
+        self._round.push(self._round_key(state), state)
         if state.due < math.inf:
             self._due.push(state.due, state)
         for heap in (self._floor, self._due, self._round):
@@ -252,9 +287,14 @@ def _estimate(state: ExecState) -> Eta | None:
         (100.0 * (t - origin) / (p - margin) for t, p in pairs if p > margin + 5.0 and t > origin),
         default=math.inf,
     )
-    if 0 < bound and origin + bound < eta.at:
+    if bound > 0 and origin + bound < eta.at:
         return Eta(at=origin + bound, sd=eta.sd, slope=100.0 / bound)
     return eta
+
+
+def _kind(state: ExecState) -> str | None:
+    labels = state.labels
+    return labels.get("kind") if labels else None
 
 
 def _silent(state: ExecState) -> bool:
