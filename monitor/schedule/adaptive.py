@@ -25,13 +25,22 @@ from monitor.schedule.base import (
     Policy,
 )
 from monitor.schedule.durations import AgeTable, Durations
-from monitor.schedule.estimate import PRIOR_NOISE, Eta, anchor_is_plausible, fit_eta, fit_eta_origin, gaussian_crossing
+from monitor.schedule.estimate import (
+    PRIOR_NOISE,
+    Eta,
+    anchor_is_plausible,
+    fit_eta,
+    fit_eta_origin,
+    fit_eta_prior,
+    gaussian_crossing,
+)
 from monitor.schedule.state import ExecState, LazyHeap
 
 _FLOOR_ITERATIONS = 8
 _MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are deferred
 _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
 _PRIOR_RATE = 1e-4  # ends per second of running, before any were seen (one pseudo-event)
+_PRIOR_SD_LOG = 0.7  # spread of log run times assumed before the runs of a kind say otherwise
 _MIN_EVENTS = 5  # ends of silent executions needed before their own rate is used
 MIN_GAP_S = 2.0  # an answer fresher than this rarely has news: the token serves another execution
 
@@ -44,6 +53,31 @@ class _Ends:
     def __init__(self) -> None:
         self.events = 0
         self.exposure = 0.0
+
+
+class _LogStats:
+    """Count, mean and sum of squared deviations of log run times (Welford)."""
+
+    __slots__ = ("m2", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+
+    def slope_prior(self) -> tuple[float, float] | None:
+        """(b0, sd) of the progress slope 100 / D (points per second), once a few runs ended."""
+        if self.n < _MIN_EVENTS:
+            return None
+        sd_log = math.sqrt((self.m2 + _PRIOR_SD_LOG**2 * 2.0) / (self.n - 1 + 2.0))
+        b0 = 100.0 / math.exp(self.mean)
+        return b0, b0 * max(sd_log, 0.1)
 
 
 class AdaptivePolicy(Policy):
@@ -82,6 +116,7 @@ class AdaptivePolicy(Policy):
         self._weights = 0.0  # sum over tracked executions of sqrt(hazard)
         self._left: deque[float] = deque()  # when executions left, over the last F
         self.durations = Durations()  # ends by age per kind label (see export_learning)
+        self._runs: dict[str | None, _LogStats] = {}  # log run times of completed runs, per kind
 
     # -- what it learned, for a restart ------------------------------------------------------------
 
@@ -145,8 +180,10 @@ class AdaptivePolicy(Policy):
                 self._silent.exposure += seconds
             state.exposed_to = until
 
-    def finished(self, state: ExecState, ended_at: float, outcome: Outcome) -> None:
+    def finished(self, state: ExecState, ended_at: float, outcome: Outcome, run_s: float | None = None) -> None:
         self._expose(state, ended_at)
+        if outcome is Outcome.COMPLETED and run_s is not None:
+            self._runs.setdefault(_kind(state), _LogStats()).add(math.log(run_s))
         self._all.events += 1
         self.durations.table(_kind(state)).end(ended_at - state.tracked_since)
         if _silent(state):
@@ -167,7 +204,8 @@ class AdaptivePolicy(Policy):
 
     def _predict(self, state: ExecState, now: float) -> None:
         """Set eta, due (inf without a prediction) and the hazard weight."""
-        eta = _estimate(state)
+        stats = self._runs.get(_kind(state))
+        eta = _estimate(state, None if stats is None else stats.slope_prior())
         if eta is not None and (
             eta.sd > self.max_rel_sd * max(eta.at - state.tracked_since, 0.0)
             or max(p for _, p in state.sample_pairs()) < self.min_progress
@@ -263,7 +301,7 @@ class AdaptivePolicy(Policy):
         return at
 
 
-def _estimate(state: ExecState) -> Eta | None:
+def _estimate(state: ExecState, prior: tuple[float, float] | None = None) -> Eta | None:
     """The end predicted from its progress samples, or None without usable progress."""
     # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
     every = state.sample_pairs()
@@ -274,8 +312,10 @@ def _estimate(state: ExecState) -> Eta | None:
     # it was still waiting (its updated_at: when it left the queue, if it did).
     first = pairs[0][0]
     origin = max([state.tracked_since] + [t for t, p in every if p <= 0 and t < first])
+    if prior is not None and pairs[0][1] > 3.0 * prior[0] * (pairs[0][0] - origin) + 3.0 * PRIOR_NOISE:
+        return fit_eta_prior(pairs, *prior)  # far ahead of any run of its kind: started before it was tracked
     if not anchor_is_plausible(pairs, origin):
-        return fit_eta(pairs)
+        return fit_eta(pairs) if prior is None else fit_eta_prior(pairs, *prior)
     eta = fit_eta_origin(pairs, origin)
     if eta is None:
         return None

@@ -58,6 +58,35 @@ def fit_eta(samples: Sequence[tuple[float, float]]) -> Eta | None:
     return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope)
 
 
+def fit_eta_prior(samples: Sequence[tuple[float, float]], b0: float, sd_b0: float) -> Eta | None:
+    """Least squares `p = a + b t` with a prior b ~ N(b0, sd_b0^2) on the slope (from the run times of
+    its kind), for runs whose start is unknown: one sample already gives an end, more sharpen it.
+
+    b = (Sxy / s^2 + b0 / sd_b0^2) / (Sxx / s^2 + 1 / sd_b0^2), eta = mean_t + (100 - mean_p) / b,
+    var(eta) = (s^2 / n + r^2 var(b)) / b^2 with r = 100 - mean_p.
+    """
+    points = list(samples)
+    n = len(points)
+    if n < 1 or b0 <= 0 or sd_b0 <= 0:
+        return None
+    t_ref = points[0][0]
+    mean_t = sum(t - t_ref for t, _ in points) / n
+    mean_p = sum(p for _, p in points) / n
+    sxx = sum((t - t_ref - mean_t) ** 2 for t, _ in points)
+    sxy = sum((t - t_ref - mean_t) * (p - mean_p) for t, p in points)
+    slope_guess = sxy / sxx if sxx > 1e-9 else b0
+    sse = sum((p - mean_p - slope_guess * (t - t_ref - mean_t)) ** 2 for t, p in points)
+    noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (max(n - 2, 0) + PRIOR_NOISE_WEIGHT)
+    noise_sq = max(noise_sq, MIN_NOISE**2)
+    precision = sxx / noise_sq + 1.0 / sd_b0**2
+    slope = (sxy / noise_sq + b0 / sd_b0**2) / precision
+    if slope <= 1e-12:
+        return None
+    rest = max(100.0 - mean_p, 0.0)
+    var = (noise_sq / n + rest**2 / precision) / slope**2
+    return Eta(at=t_ref + mean_t + rest / slope, sd=math.sqrt(var), slope=slope)
+
+
 def fit_eta_origin(samples: Sequence[tuple[float, float]], origin: float) -> Eta | None:
     """Least squares through (origin, 0): p = b (t - origin); eta = origin + 100 / b.
 

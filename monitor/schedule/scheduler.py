@@ -461,7 +461,7 @@ class Scheduler:
         state.live = False
         self._policy.remove(state, now)
         if status is not None and status.status.terminal:
-            self._policy.finished(state, self._ended_at(state, status, now), outcome)
+            self._policy.finished(state, self._ended_at(state, status, now), outcome, _run_s(status))
         event = TerminalEvent(
             execution_id=state.execution_id,
             outcome=outcome,
@@ -509,3 +509,11 @@ class Scheduler:
                     await self._finish(state, Outcome.TIMED_OUT, None)
                 # In flight: the poll's answer decides (a terminal answer wins over the deadline).
             await self._wake_deadlines.wait(heap[0][0] if heap else math.inf)
+
+
+def _run_s(status: StatusRecord) -> float | None:
+    """`metadata.execution_time` when it is a plausible number of seconds."""
+    value = (status.metadata or {}).get("execution_time")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
