@@ -301,7 +301,7 @@ class AdaptivePolicy(Policy):
         return at
 
 
-def _estimate(state: ExecState, prior: tuple[float, float] | None = None) -> Eta | None:
+def _estimate(state: ExecState, prior: tuple[float, float] | None = None) -> Eta | None:  # noqa: PLR0911
     """The end predicted from its progress samples, or None without usable progress."""
     # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
     every = state.sample_pairs()
@@ -319,6 +319,10 @@ def _estimate(state: ExecState, prior: tuple[float, float] | None = None) -> Eta
     eta = fit_eta_origin(pairs, origin)
     if eta is None:
         return None
+    if prior is not None and eta.slope < prior[0] * math.exp(-2.0 * prior[1] / prior[0]) and len(pairs) >= 2:
+        # Far slower than runs of its kind from the moment it was tracked: it waited before it
+        # started (a queue at 0 %), and the anchor would predict late.
+        return fit_eta_prior(pairs, *prior)
     # Progress never runs ahead of time by more than its noise: each sample bounds the duration,
     # D <= 100 (t - t0) / (p - 2 s). Runs that report at checkpoints lag behind the line, and the
     # fit then predicts late; the bound catches that.
