@@ -28,11 +28,13 @@ from monitor.schedule.durations import AgeTable, Durations
 from monitor.schedule.estimate import (
     PRIOR_NOISE,
     Eta,
+    Shapes,
     anchor_is_plausible,
     fit_eta,
-    fit_eta_origin,
+    fit_eta_origin_lagging,
     fit_eta_prior,
     gaussian_crossing,
+    straighten,
 )
 from monitor.schedule.state import ExecState, LazyHeap
 
@@ -70,6 +72,14 @@ class _LogStats:
         delta = x - self.mean
         self.mean += delta / self.n
         self.m2 += delta * (x - self.mean)
+
+    def merge(self, n: int, mean: float, m2: float) -> None:
+        """Pool another set's (n, mean, m2) into this one (Chan et al.)."""
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.mean += delta * n / total
+        self.n = total
 
     def slope_prior(self) -> tuple[float, float] | None:
         """(b0, sd) of the progress slope 100 / D (points per second), once a few runs ended."""
@@ -117,17 +127,29 @@ class AdaptivePolicy(Policy):
         self._left: deque[float] = deque()  # when executions left, over the last F
         self.durations = Durations()  # ends by age per kind label (see export_learning)
         self._runs: dict[str | None, _LogStats] = {}  # log run times of completed runs, per kind
+        self._shapes: dict[str | None, Shapes] = {}  # the bend of progress curves, per kind
 
     # -- what it learned, for a restart ------------------------------------------------------------
 
     def export_learning(self) -> dict[str, object]:
         """Run times learned per kind, JSON-able (ages only): hand it to `import_learning` later."""
-        return {"durations": self.durations.export()}
+        return {
+            "durations": self.durations.export(),
+            "runs": [{"kind": k, "n": r.n, "mean": r.mean, "m2": r.m2} for k, r in self._runs.items()],
+            "shapes": [{"kind": k, "k": v.export()} for k, v in self._shapes.items()],
+        }
 
     def import_learning(self, data: object) -> None:
         """Start informed: merge what `export_learning` gave (malformed parts are ignored)."""
-        if isinstance(data, dict):
-            self.durations.load(data.get("durations"))
+        if not isinstance(data, dict):
+            return
+        self.durations.load(data.get("durations"))
+        for kind, item in _items(data.get("runs")):
+            n, mean, m2 = _finite(item.get("n")), _finite(item.get("mean")), _finite(item.get("m2"))
+            if n is not None and n >= 1 and n == int(n) and mean is not None and m2 is not None and m2 >= 0:
+                self._runs.setdefault(kind, _LogStats()).merge(int(n), mean, m2)
+        for kind, item in _items(data.get("shapes")):
+            self._shapes.setdefault(kind, Shapes()).load(item.get("k"))
 
     # -- the floor ---------------------------------------------------------------------------------
 
@@ -184,6 +206,7 @@ class AdaptivePolicy(Policy):
         self._expose(state, ended_at)
         if outcome is Outcome.COMPLETED and run_s is not None:
             self._runs.setdefault(_kind(state), _LogStats()).add(math.log(run_s))
+            self._shapes.setdefault(_kind(state), Shapes()).add_run(state.sample_pairs(), ended_at - run_s, run_s)
         self._all.events += 1
         self.durations.table(_kind(state)).end(ended_at - state.tracked_since)
         if _silent(state):
@@ -200,12 +223,16 @@ class AdaptivePolicy(Policy):
         self._expose(state, now)
         if math.isfinite(state.eta) and now >= state.due - EPS:
             state.misses += 1  # asked because its end was due, and it is still going
+        if state.progress == 0 and _silent(state):
+            state.zero_at = now  # still waiting (a queue): the run started after this
         self._predict(state, now)
 
     def _predict(self, state: ExecState, now: float) -> None:
         """Set eta, due (inf without a prediction) and the hazard weight."""
         stats = self._runs.get(_kind(state))
-        eta = _estimate(state, None if stats is None else stats.slope_prior())
+        shapes = self._shapes.get(_kind(state))
+        shape = 1.0 if shapes is None else shapes.shape()
+        eta = _estimate(state, None if stats is None else stats.slope_prior(), shape)
         if eta is not None and (
             eta.sd > self.max_rel_sd * max(eta.at - state.tracked_since, 0.0)
             or max(p for _, p in state.sample_pairs()) < self.min_progress
@@ -221,7 +248,14 @@ class AdaptivePolicy(Policy):
         else:
             state.eta = state.due = math.inf
             table = self._learned(state)
-            hazard = self.silent_rate() if table is None else table.weight(now - state.tracked_since) ** 2
+            if not _silent(state):
+                # Progress, but too little or too vague to predict from: it is early in its run, and
+                # only an unannounced failure can end it soon (not the rate of silent runs' ends).
+                hazard = self.unexpected_rate()
+            elif table is None:
+                hazard = self.silent_rate()
+            else:
+                hazard = table.weight(now - state.tracked_since) ** 2
         weight = math.sqrt(hazard)
         self._weights = max(self._weights + weight - state.weight, 0.0)
         state.weight = weight
@@ -301,22 +335,29 @@ class AdaptivePolicy(Policy):
         return at
 
 
-def _estimate(state: ExecState, prior: tuple[float, float] | None = None) -> Eta | None:  # noqa: PLR0911
-    """The end predicted from its progress samples, or None without usable progress."""
+def _estimate(  # noqa: PLR0911
+    state: ExecState, prior: tuple[float, float] | None = None, shape: float = 1.0
+) -> Eta | None:
+    """The end predicted from its progress samples, or None without usable progress.
+
+    `shape`: its kind's learned bend k (progress = 100 f**k); samples are straightened first."""
     # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
     every = state.sample_pairs()
-    pairs = [(t, p) for t, p in every if 0 < p < 99]
+    pairs = [(t, straighten(p, shape)) for t, p in every if 0 < p < 99]
     if not pairs:
         return None
     # The run started when it was tracked, or later: the last answer at 0 % says when at the latest
-    # it was still waiting (its updated_at: when it left the queue, if it did).
+    # it was still waiting (the poll's time; its updated_at: when it left the queue, if it did).
     first = pairs[0][0]
-    origin = max([state.tracked_since] + [t for t, p in every if p <= 0 and t < first])
+    zero = [state.tracked_since] + [t for t, p in every if p <= 0 and t < first]
+    if state.zero_at < first:
+        zero.append(state.zero_at)
+    origin = max(zero)
     if prior is not None and pairs[0][1] > 3.0 * prior[0] * (pairs[0][0] - origin) + 3.0 * PRIOR_NOISE:
         return fit_eta_prior(pairs, *prior)  # far ahead of any run of its kind: started before it was tracked
     if not anchor_is_plausible(pairs, origin):
         return fit_eta(pairs) if prior is None else fit_eta_prior(pairs, *prior)
-    eta = fit_eta_origin(pairs, origin)
+    eta = fit_eta_origin_lagging(pairs, origin, prior)
     if eta is None:
         return None
     if prior is not None and eta.slope < prior[0] * math.exp(-2.0 * prior[1] / prior[0]) and len(pairs) >= 2:
@@ -334,6 +375,21 @@ def _estimate(state: ExecState, prior: tuple[float, float] | None = None) -> Eta
     if bound > 0 and origin + bound < eta.at:
         return Eta(at=origin + bound, sd=eta.sd, slope=100.0 / bound)
     return eta
+
+
+def _items(data: object) -> list[tuple[str | None, dict[str, object]]]:
+    """(kind, dict) for each dict of an exported list whose "kind" is a string or None."""
+    out: list[tuple[str | None, dict[str, object]]] = []
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, dict):
+            kind = item.get("kind")
+            if kind is None or isinstance(kind, str):
+                out.append((kind, item))
+    return out
+
+
+def _finite(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def _kind(state: ExecState) -> str | None:

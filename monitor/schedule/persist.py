@@ -33,6 +33,7 @@ def export_state(state: ExecState, clock: Clock) -> dict[str, Any]:
         "samples": [[clock.wall(t), p] for t, p in state.sample_pairs()],
         "delay": state.delay,
         "misses": state.misses,
+        "zero_at": clock.wall(state.zero_at) if math.isfinite(state.zero_at) else None,
     }
 
 
@@ -43,6 +44,8 @@ def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
     state.polls = _count(data.get("polls"))
     state.errors = _count(data.get("errors"))
     state.misses = _count(data.get("misses"))
+    if _number(data.get("zero_at")) is not None:
+        state.zero_at = _loop_time(data.get("zero_at"), clock, state.zero_at)
     delay = _number(data.get("delay"))
     if delay is not None and delay > 0:
         state.delay = delay

@@ -41,6 +41,7 @@ class ExecState:
         "tracked_since",
         "ver",
         "weight",
+        "zero_at",
     )
 
     def __init__(
@@ -75,6 +76,7 @@ class ExecState:
         self.misses = 0  # adaptive: polls at a predicted end that found it still running
         self.eta = math.inf  # adaptive: predicted end
         self.weight = 0.0  # adaptive: sqrt of the hazard it was last scheduled with
+        self.zero_at = -math.inf  # adaptive: the last poll that found it at 0 % before any progress
 
     def __repr__(self) -> str:
         return f"ExecState({self.execution_id!r}, polls={self.polls}, due={self.due:.1f})"
