@@ -1,39 +1,65 @@
-"""The policy benchmark: the real scheduler, client and simulator in one virtual-time loop.
+"""The policy benchmark: the real scheduler, client, outbox and simulator in one virtual-time loop.
 
 Per policy, a fresh simulator is served on 127.0.0.1 and a fresh scheduler polls it through the
 real aiohttp client, all on one `VirtualTimeLoop`, so hours of a scenario take seconds. At each
-planned arrival the execution is created in the simulator (unless it is a `not_found` one) and
-handed to the scheduler. Detection delay = loop time its terminal result reached the in-memory
-sink - the simulator's end time. A scenario's `handover` hands an ID over later than its creation
-(at a fraction of its run), and its `kind` goes with it as the label `kind`. `oracle` is computed,
-not simulated: a clairvoyant poller that asks about each execution once, at the first moment the
-same budget (one request every T/N, never more than N in any T) allows after it ended.
+planned arrival the execution is created in the simulator (unless it is a `not_found` one); at its
+handover it is tracked in an in-memory state store and handed to the scheduler. A terminal answer
+goes the daemon's way: the outbox (`Delivery.submit`, one store transaction), the sink's lane, and
+an in-memory sink. Detection delay = loop time the sink confirmed the record (its `send` returned)
+- the simulator's end time; `poll_*_s` are the same figures up to the poll's answer only. A
+scenario's `handover` hands an ID over later than its creation (at a fraction of its run), and its
+`kind` goes with it as the label `kind`.
+
+Two reference rows, never policies a user can choose:
+- `informed` is simulated like the policies (same simulator, client, budget, scheduler and sink):
+  a poller that knows when each run would complete (perfect prediction of its duration, queue and
+  stall included; for a run that fails or is cancelled, when it would have completed) and polls it
+  then; with the tokens those polls leave it finds failures and cancellations by plain round robin
+  over everything still running. It cannot know which runs fail, so `adaptive / informed` is what
+  better prediction could still win (see `InformedPolicy`).
+- `oracle` is computed, not simulated: a clairvoyant poller that asks about each execution once, at
+  the first moment the same budget (one request every T/N, never more than N in any T) allows after
+  it ended; it knows failures too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from monitor import vtime
 from monitor.api.client import ExecutionsClient
 from monitor.clock import Clock
+from monitor.config import SinkConfig
+from monitor.delivery import Delivery
 from monitor.rates import RateLimit
 from monitor.records import Outcome, StallEvent, TerminalEvent
+from monitor.schedule.base import EPS
 from monitor.schedule.budget import Budget
 from monitor.schedule.policy import Policy, make_policy
 from monitor.schedule.scheduler import NullListener, Scheduler
+from monitor.schedule.state import ExecState, LazyHeap
 from monitor.secrets import Secret
-from monitor.simulator.scenario import PlannedExecution, Scenario
+from monitor.simulator.scenario import PlannedExecution, Scenario, StallThen
 from monitor.simulator.server import SimulatorSettings, simulator_of, start_simulator
+from monitor.sinks.base import BaseSink
+from monitor.sinks.registry import SinkHandle
+from monitor.state.rows import TrackRequest
+from monitor.state.store import Store
 
 BENCH_KEY = "sk_test_bench"
 DEFAULT_POLICIES = ("backoff", "adaptive")
+INFORMED = "informed"
+ORACLE = "oracle"
+DELAY_MEASURED = "end in the simulator -> record confirmed by the sink (scheduler, outbox, sink lane)"
+_DRAIN_S = 60.0  # virtual seconds the outbox gets to hand the last records to the sink
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,10 @@ class PolicyResult:
     http_429: int
     max_requests_in_window: int
     undetected: int
+    # The same delay figures up to the poll's answer (before the outbox and the sink).
+    poll_mean_s: float = 0.0
+    poll_p99_s: float = 0.0
+    poll_max_s: float = 0.0
     not_found: int = 0  # IDs that never existed, reported as not_found (not in the delay figures)
     wall_s: float = 0.0  # real seconds this policy's run took
 
@@ -55,24 +85,114 @@ class PolicyResult:
         return asdict(self)
 
 
-class Recorder(NullListener):
-    """The in-memory sink: when each terminal result and each stall event arrived (loop times).
+_Results = dict[str, tuple[float, Outcome]]  # execution_id -> (loop time, outcome)
 
-    `run_policy` sets `start` (the scenario's time 0) and `scheduler` before the first poll.
-    """
+
+class _BenchSink(BaseSink):
+    """The in-memory sink: the loop time each record was confirmed (its `send` returned), and as what."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = "bench"
+        self._loop = loop
+        self.confirmed: _Results = {}
+
+    async def send(self, record: dict[str, Any]) -> None:
+        if record.get("kind", "execution") == "execution":
+            execution_id, outcome = str(record["execution_id"]), Outcome(record["outcome"])
+            self.confirmed.setdefault(execution_id, (self._loop.time(), outcome))
+
+
+class Recorder(NullListener):
+    """The scheduler's listener as the daemon's: a terminal result goes to the outbox (the store,
+    one transaction), whose lane hands it to the sink; when the poll answered is noted too, and
+    each stall event (loop times). `run_policy` sets `delivery`, `start` (the scenario's time 0)
+    and `scheduler` before the first poll."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.results: dict[str, tuple[float, Outcome]] = {}
+        self.delivery: Delivery | None = None
+        self.polled: _Results = {}
         self.stalls: list[tuple[float, StallEvent]] = []
         self.start = loop.time()
         self.scheduler: Scheduler | None = None
 
     async def on_terminal(self, event: TerminalEvent) -> None:
-        self.results.setdefault(event.execution_id, (self._loop.time(), event.outcome))
+        self.polled.setdefault(event.execution_id, (self._loop.time(), event.outcome))
+        assert self.delivery is not None, "run_policy attaches the delivery first"
+        self.delivery.submit(event)
 
     def on_stall(self, event: StallEvent) -> None:
         self.stalls.append((self._loop.time(), event))
+
+
+class InformedPolicy(Policy):
+    """A poller with perfect prediction: each run is polled when it would complete, failures are
+    looked for with the rest of the budget. A reference for the bench, not a policy to run.
+
+    `known_end(execution_id)` is the loop time it would complete (None: nothing known, e.g. an ID
+    that does not exist). Each token goes to:
+    1. the run whose known end has come (earliest first): found at once, if it completed;
+    2. else the round robin: the execution answered longest ago (new ones after those seen before),
+       for the failures and cancellations, which nothing announces.
+    A round-robin poll is not started when it would keep the token from a known end: when the next
+    known end comes less than T/N after the moment the poll could go (the budget paces requests
+    T/N apart), the policy waits for that end instead. It knows nothing of failures: a run that
+    will fail is polled at the end it would have had, if the round robin has not found it before.
+    """
+
+    name = INFORMED
+
+    def __init__(self, known_end: Callable[[str], float | None]) -> None:
+        super().__init__()
+        self._known_end = known_end
+        self._ends = LazyHeap()  # known end -> state
+        self._round = LazyHeap()  # last answer (or hold) -> state
+        self._last_choice = -math.inf
+
+    def _on_add(self, state: ExecState, now: float) -> None:
+        end = self._known_end(state.execution_id)
+        state.eta = math.inf if end is None else end
+        state.due = now
+
+    def _on_running(self, state: ExecState, now: float) -> None:
+        state.due = now
+        if state.eta <= now:
+            state.eta = math.inf  # not over at its known end after all (never, with a true known_end)
+
+    def _enqueue(self, state: ExecState) -> None:
+        state.ver += 1
+        if math.isfinite(state.eta):
+            self._ends.push(state.eta, state)
+            self._ends.compact(self._count)
+        self._round.push(state.due, state)
+        self._round.compact(self._count)
+
+    def _pick(self, now: float) -> ExecState | None:
+        for heap in (self._ends, self._round):
+            top = heap.top()
+            if top is not None and top[0] <= now + EPS:
+                heap.pop()
+                self._last_choice = now
+                return top[1]
+        return None
+
+    def _ready_at(self, now: float) -> float:
+        end_top, round_top = self._ends.top(), self._round.top()
+        end = end_top[0] if end_top else math.inf
+        if round_top is None:
+            return end
+        rate = self._rate()
+        spacing = 1.0 / rate if rate > 0 else 0.0
+        goes_at = max(round_top[0], now, self._last_choice + spacing)
+        return round_top[0] if goes_at + spacing <= end + EPS else end
+
+
+def nominal_end_s(planned: PlannedExecution) -> float:
+    """Seconds after its creation when a planned run completes or would have completed: its queue,
+    its whole duration, and a stall it resumes from (the same as `end_s` for a completed run)."""
+    stall = planned.stall
+    resumed = stall.for_s if stall is not None and stall.then == StallThen.RESUME else 0.0
+    return planned.queue_s + planned.duration_s + resumed
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -98,7 +218,7 @@ def summarize(
     wall_s: float = 0.0,
 ) -> PolicyResult:
     return PolicyResult(
-        mean_s=sum(delays) / len(delays) if delays else 0.0,
+        mean_s=_mean(delays),
         p50_s=percentile(delays, 0.50),
         p90_s=percentile(delays, 0.90),
         p99_s=percentile(delays, 0.99),
@@ -110,7 +230,14 @@ def summarize(
         undetected=undetected,
         not_found=not_found,
         wall_s=wall_s,
+        poll_mean_s=_mean(delays),
+        poll_p99_s=percentile(delays, 0.99),
+        poll_max_s=max(delays, default=0.0),
     )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def oracle(plan: Sequence[PlannedExecution], rate: RateLimit) -> PolicyResult:
@@ -156,6 +283,8 @@ async def run_policy(
     recorder: Recorder | None = None,
 ) -> PolicyResult:
     """One policy on a fresh simulator; call inside a VirtualTimeLoop (see `bench_policy`).
+
+    `policy`: a name for `make_policy`, `"informed"` (see `InformedPolicy`), or a factory.
     `recorder`: one of the caller's, to read the stall events from (benchmarks/stalls.py)."""
     wall_start = time.perf_counter()
     loop = asyncio.get_running_loop()
@@ -166,39 +295,49 @@ async def run_policy(
     runner, url = await start_simulator(settings, "127.0.0.1", 0)
     simulator = simulator_of(runner)
     clock = Clock(loop, wall_anchor=simulator.clock.wall())
-    recorder = recorder or Recorder(loop)
-    made = make_policy(policy) if isinstance(policy, str) else policy()
+    known_ends: dict[str, float] = {}
+    made = _make(policy, known_ends.get)
+    sink = _BenchSink(loop)
+    store = Store.open(None)
+    handle = SinkHandle(sink.name, sink, SinkConfig(type="bench", index=1, source="bench"))
     try:
-        async with ExecutionsClient(url, Secret(BENCH_KEY)) as client:
+        async with (
+            ExecutionsClient(url, Secret(BENCH_KEY)) as client,
+            Delivery(store, [handle], clock, rng=random.Random(scenario.seed)) as delivery,
+        ):
+            outbox = recorder or Recorder(loop)
+            outbox.delivery = delivery
             scheduler = Scheduler(
                 client,
                 Budget(scenario.rate_limit, clock),
                 made,
                 clock,
                 max_in_flight=max_in_flight,
-                listener=recorder,
+                listener=outbox,
                 rng=random.Random(scenario.seed),
             )
             run_task = asyncio.create_task(scheduler.run())
-            start = recorder.start = loop.time()
-            recorder.scheduler = scheduler
+            start = outbox.start = loop.time()
+            outbox.scheduler = scheduler
             for at, creates, planned in _timeline(plan):
                 await _sleep_until(loop, start + at)
                 if not creates:
-                    scheduler.track(
-                        planned.execution_id, labels=None if planned.kind is None else {"kind": planned.kind}
-                    )
+                    _hand_over(planned, store, scheduler, clock)
                 elif planned.exists:
                     simulator.add_planned(planned)
+                    known_ends[planned.execution_id] = loop.time() + nominal_end_s(planned)
             horizon = start + _horizon_s(plan, scenario.rate_limit)
             await _wait_idle_until(loop, scheduler, horizon)
             await scheduler.stop(grace_s=0.0)
             await run_task
+            await delivery.drain(timeout=_DRAIN_S)
             stats = simulator.stats()
     finally:
+        store.close()
         await runner.cleanup()
-    delays, undetected, not_found = _delays(plan, recorder.results, start, simulator.end_time)
-    return summarize(
+    delays, undetected, not_found = _delays(plan, sink.confirmed, simulator.end_time)
+    polled, _, _ = _delays(plan, outbox.polled, simulator.end_time)
+    result = summarize(
         delays,
         requests=stats["requests_total"],
         executions=len(plan),
@@ -208,6 +347,24 @@ async def run_policy(
         not_found=not_found,
         wall_s=time.perf_counter() - wall_start,
     )
+    return dataclasses.replace(
+        result, poll_mean_s=_mean(polled), poll_p99_s=percentile(polled, 0.99), poll_max_s=max(polled, default=0.0)
+    )
+
+
+def _make(policy: str | Callable[[], Policy], known_end: Callable[[str], float | None]) -> Policy:
+    if not isinstance(policy, str):
+        return policy()
+    if policy == INFORMED:
+        return InformedPolicy(known_end)
+    return make_policy(policy)
+
+
+def _hand_over(planned: PlannedExecution, store: Store, scheduler: Scheduler, clock: Clock) -> None:
+    """What `Monitor.track` does: persist the ID (the outbox needs its row), then schedule it."""
+    labels = None if planned.kind is None else {"kind": planned.kind}
+    store.track_many([TrackRequest(planned.execution_id, tracked_since=clock.wall(), labels=labels or {})])
+    scheduler.track(planned.execution_id, labels=labels)
 
 
 def _timeline(plan: Sequence[PlannedExecution]) -> list[tuple[float, bool, PlannedExecution]]:
@@ -224,10 +381,7 @@ def _timeline(plan: Sequence[PlannedExecution]) -> list[tuple[float, bool, Plann
 
 
 def _delays(
-    plan: Sequence[PlannedExecution],
-    results: dict[str, tuple[float, Outcome]],
-    start: float,
-    end_time: Callable[[str], float | None],
+    plan: Sequence[PlannedExecution], results: _Results, end_time: Callable[[str], float | None]
 ) -> tuple[list[float], int, int]:
     delays: list[float] = []
     undetected = not_found = 0
@@ -270,7 +424,8 @@ def bench_policy(scenario: Scenario, policy: str, *, error_rate: float = 0.0) ->
 
 
 def bench(scenario: Scenario, policies: Sequence[str] = DEFAULT_POLICIES) -> dict[str, PolicyResult]:
-    """Every requested policy, then the oracle row."""
+    """Every requested policy, then the two reference rows: informed and oracle."""
     results = {name: bench_policy(scenario, name) for name in policies}
-    results["oracle"] = oracle(scenario.plan(), scenario.rate_limit)
+    results[INFORMED] = bench_policy(scenario, INFORMED)
+    results[ORACLE] = oracle(scenario.plan(), scenario.rate_limit)
     return results

@@ -1,4 +1,4 @@
-"""`execmon bench`: the real scheduler, client and simulator on virtual time, and the oracle."""
+"""`execmon bench`: the real scheduler, client, outbox and simulator on virtual time; informed and oracle."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from monitor import bench, vtime
 from monitor.cli import main
 from monitor.rates import RateLimit
 from monitor.schedule.scheduler import Scheduler
+from monitor.schedule.state import ExecState
 from monitor.simulator.scenario import PlannedExecution, PlannedOutcome, ProgressModel, load_scenario
 from monitor.simulator.server import Simulator
 
@@ -70,6 +71,9 @@ KEYS = {
     "http_429",
     "max_requests_in_window",
     "undetected",
+    "poll_mean_s",
+    "poll_p99_s",
+    "poll_max_s",
 }
 
 
@@ -134,22 +138,33 @@ def test_cli_json_has_the_contract_shape(small: Path, capsys: pytest.CaptureFixt
     assert main(["bench", "--scenario", str(small), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["scenario"] == "small"
-    assert set(out["policies"]) == {"backoff", "adaptive", "oracle"}
+    assert out["seed"] == 4
+    assert "confirmed by the sink" in out["delay"]
+    assert list(out["policies"]) == ["backoff", "adaptive", "informed", "oracle"]
     for row in out["policies"].values():
         assert set(row) == KEYS
+    policies, ratios = out["policies"], out["ratios"]
+    assert set(ratios) == {"adaptive/backoff", "adaptive/informed"}
+    for key in ("mean_s", "p99_s", "max_s"):
+        assert ratios["adaptive/informed"][key] == pytest.approx(policies["adaptive"][key] / policies["informed"][key])
+        assert ratios["adaptive/backoff"][key] == pytest.approx(policies["adaptive"][key] / policies["backoff"][key])
 
 
 def test_cli_table_shows_the_ratio(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--scenario", str(small), "--policy", "adaptive", "--policy", "backoff"]) == 0
     out = capsys.readouterr().out
     assert "adaptive/backoff" in out
+    assert "adaptive/informed" in out
     assert "oracle" in out
+    assert "confirmed by the sink" in out
+    assert "up to the poll's answer" in out
 
 
 def test_cli_one_policy_only(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--scenario", str(small), "--policy", "backoff", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["policies"]) == {"backoff", "oracle"}
+    assert set(out["policies"]) == {"backoff", "informed", "oracle"}
+    assert out["ratios"] == {}
 
 
 def test_cli_bad_scenario_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,3 +217,76 @@ def test_bench_hands_ids_over_at_their_fraction_with_their_kind(
         else:
             assert labels == {"kind": "batch"}
             assert 0.2 <= (p.handover_s - p.queue_s) / (p.end_s - p.queue_s) <= 0.8  # of its run
+
+
+def test_informed_polls_known_ends_first_and_keeps_their_token() -> None:
+    ends = {"exec_a": 100.0, "exec_b": 50.0}
+    policy = bench.InformedPolicy(ends.get)
+    policy.bind_rate(lambda: 0.5)  # a token every 2 s
+    states = {i: ExecState(i, 0.0) for i in ("exec_a", "exec_b", "exec_c")}  # exec_c: nothing known
+    for state in states.values():
+        policy.add(state, 0.0)
+    # Nothing has ended: the round robin, longest unanswered first (ties: in order of arrival).
+    assert policy.ready_at(0.0) == 0.0
+    first = policy.choose(0.0)
+    assert first is states["exec_a"]
+    policy.polled(first, 0.0)
+    # At 47 a round-robin poll could go (its token would come at 47), and the next at 49 < 50: it may go.
+    assert policy.ready_at(47.0) == 0.0
+    second = policy.choose(47.0)
+    assert second is states["exec_b"]
+    policy.polled(second, 47.0)
+    # At 48.5 a round-robin poll could only go at 49 (2 s after the last): it would hold the token
+    # that exec_b's end at 50 needs, so the policy waits for that end.
+    assert policy.ready_at(48.5) == 50.0
+    assert policy.choose(50.0) is states["exec_b"]
+    # A known end that has come goes before the round robin.
+    assert policy.choose(100.0) is states["exec_a"]
+    assert policy.choose(100.0) is states["exec_c"]
+    assert policy.choose(100.0) is None
+
+
+def test_nominal_end_is_the_completion_for_completed_runs(tmp_path: Path) -> None:
+    path = tmp_path / "beyond.toml"
+    path.write_text(BEYOND_LINEAR, encoding="utf-8")
+    plan = load_scenario(path).plan()
+    assert any(p.outcome != PlannedOutcome.COMPLETED for p in plan)
+    for p in plan:
+        if p.outcome == PlannedOutcome.COMPLETED:
+            assert bench.nominal_end_s(p) == pytest.approx(p.end_s)
+        else:  # failed or cancelled: when it would have completed (never before its end)
+            assert bench.nominal_end_s(p) >= p.end_s - 1e-9
+
+
+def test_informed_keeps_the_budget_and_beats_backoff(small: Path) -> None:
+    scenario = load_scenario(small)
+    missing = sum(1 for p in scenario.plan() if not p.exists)
+    informed = bench.bench_policy(scenario, "informed")
+    backoff = bench.bench_policy(scenario, "backoff")
+    assert (informed.undetected, informed.http_429, informed.not_found) == (0, 0, missing)
+    assert informed.max_requests_in_window <= 30
+    assert informed.mean_s < 0.5 * backoff.mean_s
+    assert informed.p50_s < 1.0  # most runs complete, and are found as they do
+    # Not a formula: a real poller pays for the failures it has to look for.
+    assert informed.mean_s > bench.oracle(scenario.plan(), scenario.rate_limit).mean_s
+
+
+def test_delay_is_measured_when_the_sink_confirmed(small: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scenario = load_scenario(small)
+    fast = bench.bench_policy(scenario, "adaptive")
+    assert fast.mean_s >= fast.poll_mean_s
+    assert fast.max_s >= fast.poll_max_s
+    assert fast.mean_s - fast.poll_mean_s < 0.01  # the outbox costs loop iterations, not seconds
+
+    send = bench._BenchSink.send
+
+    async def slow(self: bench._BenchSink, record: dict[str, Any]) -> None:
+        await asyncio.sleep(5.0)  # a sink that takes 5 s to confirm
+        await send(self, record)
+
+    monkeypatch.setattr(bench._BenchSink, "send", slow)
+    slowed = bench.bench_policy(scenario, "adaptive")
+    assert slowed.undetected == 0
+    assert slowed.poll_mean_s == pytest.approx(fast.poll_mean_s)  # polling is not held up by the sink
+    assert slowed.mean_s >= slowed.poll_mean_s + 5.0 - 1e-6
+    assert slowed.max_s >= slowed.poll_max_s + 5.0 - 1e-6

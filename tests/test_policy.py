@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -11,11 +12,14 @@ import pytest
 from monitor.records import Outcome
 from monitor.schedule.adaptive import AdaptivePolicy
 from monitor.schedule.estimate import (
+    Shapes,
     anchor_is_plausible,
     fit_eta,
     fit_eta_origin,
+    fit_eta_origin_lagging,
     gaussian_crossing,
     gaussian_overshoot,
+    straighten,
 )
 from monitor.schedule.policy import BackoffPolicy, Policy, make_policy
 from monitor.schedule.state import MAX_SAMPLES, ExecState, LazyHeap
@@ -292,11 +296,12 @@ def test_adaptive_learns_that_silent_runs_end_more_often() -> None:
         answer_running(policy, policy_take(policy, state, 100.0), 100.0, 20)
     for state in silent:
         answer_running(policy, policy_take(policy, state, 100.0), 100.0, 0)
-    # Ten silent runs ended (completed), nobody failed: silent runs look risky, talking ones do not.
+    # Ten silent runs ended (completed) at age 200 s, nobody failed: silent runs of that age look
+    # risky, talking ones do not.
     for state in silent[:10]:
         state.live = False
-        policy.remove(state, 150.0)
-        policy.finished(state, 150.0, Outcome.COMPLETED)
+        policy.remove(state, 200.0)
+        policy.finished(state, 200.0, Outcome.COMPLETED)
     assert policy.silent_rate() > 10 * policy.unexpected_rate()
     survivor_silent, survivor_talking = silent[10], talking[0]
     answer_running(policy, policy_take(policy, survivor_silent, 200.0), 200.0, 0)
@@ -321,3 +326,166 @@ def test_poll_first_goes_ahead_of_everything_in_order_and_only_once(name: str) -
     policy.remove(untracked, 0.0)
     chosen = policy.choose(100.0)
     assert chosen is not untracked  # an untracked execution is skipped, not polled
+
+
+def test_adaptive_learns_run_times_by_kind_and_exports_them() -> None:
+    """Runs of a kind that always take 600-700 s: a silent run of that kind at 100 s is polled less
+    often than one at 650 s, and a fresh policy that imports the export knows it too."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    ended = [ExecState(f"k{i}", 0.0, labels={"kind": "report"}) for i in range(30)]
+    for state in ended:
+        policy.add(state, 0.0)
+    for i, state in enumerate(ended):
+        state.last_poll = 600.0 + 3 * i
+        policy.polled(state, 600.0 + 3 * i)
+        state.live = False
+        policy.remove(state, 600.0 + 3 * i)
+        policy.finished(state, 600.0 + 3 * i, Outcome.COMPLETED)
+    young, old = ExecState("y", 1000.0, labels={"kind": "report"}), ExecState("o", 400.0, labels={"kind": "report"})
+    for state in (young, old):
+        policy.add(state, 1000.0)
+        state.last_poll = 1050.0
+        policy.polled(state, 1050.0)
+    assert old.weight > 3 * young.weight  # age 650 s: ends likely; age 50 s: none ever seen
+    fresh = AdaptivePolicy()
+    fresh.import_learning(json.loads(json.dumps(policy.export_learning())))
+    table = fresh.durations.tables["report"]
+    assert table.events == 30
+    assert table.weight(650.0) > 3 * table.weight(50.0)
+
+
+# -- learning the shape of a kind's runs ----------------------------------------------------------
+
+
+def test_lagging_fit_ignores_samples_below_the_line() -> None:
+    """Checkpoints: samples on the line p = 100 t / D at the checkpoints, and below it where updated_at
+    moved for a change of step while progress stood still. The plain fit predicts late; this one not."""
+    duration = 2000.0
+    on_line = [(f * duration, 100.0 * f) for f in (0.15, 0.4, 0.55)]
+    lagging = [(0.3 * duration, 15.0), (0.7 * duration, 55.0)]
+    samples = sorted(on_line + lagging)
+    plain, robust = fit_eta_origin(samples, 0.0), fit_eta_origin_lagging(samples, 0.0)
+    assert plain is not None
+    assert robust is not None
+    assert plain.at > 1.08 * duration
+    assert robust.at == pytest.approx(duration, rel=0.01)
+    clean = [(t, 100.0 * t / duration + (0.8 if i % 2 else -0.8)) for i, t in enumerate(range(100, 1000, 100))]
+    assert fit_eta_origin_lagging(clean, 0.0).at == pytest.approx(duration, rel=0.01)  # type: ignore[union-attr]
+
+
+def test_lagging_fit_with_the_kind_prior_keeps_weak_evidence_near_its_kind() -> None:
+    """An early low sample (3 % at 100 s: a 3,300 s run, give or take a lot) against runs of its kind
+    that take 2,000 s: the kind's slope prior pulls the end toward them; sharp evidence would not move."""
+    prior = (100.0 / 2000.0, 0.3 * 100.0 / 2000.0)
+    alone = fit_eta_origin_lagging([(100.0, 3.0)], 0.0)
+    informed = fit_eta_origin_lagging([(100.0, 3.0)], 0.0, prior=prior)
+    assert alone is not None
+    assert informed is not None
+    assert alone.at == pytest.approx(3333.3, rel=1e-3)
+    assert 2000.0 < informed.at < 0.8 * alone.at
+    sharp = [(t, 100.0 * t / 3300.0) for t in (500.0, 1000.0, 1500.0, 2000.0)]
+    assert fit_eta_origin_lagging(sharp, 0.0, prior=prior).at == pytest.approx(3300.0, rel=0.03)  # type: ignore[union-attr]
+
+
+def _curve_samples(start: float, run_s: float, shape: float, rng: random.Random) -> list[tuple[float, float]]:
+    fractions = sorted(rng.uniform(0.05, 0.95) for _ in range(8))
+    return [(start + f * run_s, round(100.0 * f**shape + rng.gauss(0.0, 1.0))) for f in fractions]
+
+
+def test_shapes_learn_the_bend_of_a_kind() -> None:
+    rng = random.Random(3)
+    shapes = Shapes()
+    for _ in range(Shapes.MIN_RUNS - 1):
+        shapes.add_run(_curve_samples(0.0, 1000.0, 0.6, rng), 0.0, 1000.0)
+    assert shapes.shape() == 1.0  # too few runs: a straight line
+    for _ in range(20):
+        run_s = rng.uniform(500.0, 3000.0)
+        shapes.add_run(_curve_samples(50.0, run_s, 0.6, rng), 50.0, run_s)
+    assert shapes.shape() == pytest.approx(0.6, abs=0.06)
+    assert straighten(100.0 * 0.5**0.6, 0.6) == pytest.approx(50.0)
+    assert straighten(40.0, 1.0) == 40.0
+    restored = Shapes()
+    restored.load(json.loads(json.dumps(shapes.export())))
+    assert restored.shape() == pytest.approx(shapes.shape(), abs=1e-3)
+
+
+def _run_of_kind(
+    policy: AdaptivePolicy, name: str, start: float, run_s: float, shape: float, *, queue_s: float = 0.0
+) -> ExecState:
+    """A run tracked at `start`, queued for queue_s at 0 %, then 100 f**shape; polled at 20-50 % of its run."""
+    state = ExecState(name, start, labels={"kind": "etl"})
+    policy.add(state, start)
+    if queue_s:
+        state.progress = 0
+        answer_running(policy, policy_take(policy, state, start + queue_s - 1.0), start + queue_s - 1.0, 0)
+    for f in (0.2, 0.3, 0.4, 0.5):
+        t = start + queue_s + f * run_s
+        state.polls += 1
+        state.last_poll = t
+        state.progress = round(100.0 * f**shape)
+        state.add_sample(t, state.progress)
+        policy.polled(state, t)
+    return state
+
+
+def test_adaptive_straightens_the_curve_of_a_learned_kind() -> None:
+    """Runs that run ahead early (progress = 100 f**0.6): a straight line predicts them far too
+    early; once some runs of the kind have completed, their bend is learned and the end is right."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    naive = _run_of_kind(policy, "first", 0.0, 2000.0, 0.6)
+    assert naive.eta < 0.9 * 2000.0
+    for i in range(12):
+        run_s = 1500.0 + 100.0 * i
+        state = _run_of_kind(policy, f"done{i}", 0.0, run_s, 0.6)
+        state.live = False
+        policy.remove(state, run_s)
+        policy.finished(state, run_s, Outcome.COMPLETED, run_s)
+    later = _run_of_kind(policy, "later", 5000.0, 2000.0, 0.6)
+    assert later.eta == pytest.approx(7000.0, rel=0.05)
+    fresh = AdaptivePolicy()
+    fresh.bind_rate(lambda: 0.5)
+    fresh.import_learning(json.loads(json.dumps(policy.export_learning())))
+    again = _run_of_kind(fresh, "again", 5000.0, 2000.0, 0.6)
+    assert again.eta == pytest.approx(later.eta, rel=0.01)
+
+
+def test_adaptive_starts_a_queued_run_after_its_last_poll_at_zero() -> None:
+    """A run that waited 600 s in a queue at 0 % (its updated_at: its creation) is fitted from the last
+    poll that still saw 0 %, not from when it was tracked."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    state = _run_of_kind(policy, "queued", 0.0, 2000.0, 1.0, queue_s=600.0)
+    assert state.zero_at == pytest.approx(599.0)
+    assert state.eta == pytest.approx(2600.0, rel=0.02)
+
+
+def test_anchor_is_dropped_for_a_run_handed_over_at_a_tenth_of_its_run() -> None:
+    """Started 320 s before it was tracked (a 2,400 s run): the free line's zero crossing is many of its
+    standard errors before tracking, so the anchor goes; from its start it stays."""
+    start, tracked = 0.0, 320.0
+    samples = [
+        (t, 100.0 * (t - start) / 2400.0 + (0.7 if i % 2 else -0.7)) for i, t in enumerate(range(400, 2200, 180))
+    ]
+    assert not anchor_is_plausible(samples, tracked)
+    assert anchor_is_plausible(samples, start)
+    assert anchor_is_plausible(samples, start + 20.0)  # the clocks' slack
+
+
+def test_adaptive_weighs_a_run_with_little_progress_like_the_runs_with_progress() -> None:
+    """Progress below the least for a prediction (5 %): no eta yet, but it is early in its run; its
+    round-robin weight is the rate of unannounced ends, not the (much higher) end rate of silent runs."""
+    policy, states = adaptive(20)
+    for state in states[:10]:
+        answer_running(policy, policy_take(policy, state, 100.0), 100.0)
+        state.live = False
+        policy.remove(state, 100.0)
+        policy.finished(state, 100.0, Outcome.COMPLETED)
+    early, silent = states[10], states[11]
+    early.progress = 5
+    answer_running(policy, policy_take(policy, early, 150.0), 150.0, 5)
+    answer_running(policy, policy_take(policy, silent, 150.0), 150.0, 0)
+    assert math.isinf(early.eta)
+    assert early.weight == pytest.approx(math.sqrt(policy.unexpected_rate()), rel=0.02)
+    assert silent.weight > 2 * early.weight

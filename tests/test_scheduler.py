@@ -398,7 +398,7 @@ def test_stop_lets_in_flight_polls_finish_within_grace_then_cancels() -> None:
 
 
 def test_export_and_restore_carry_the_schedule_over() -> None:
-    source = FakeSource(lambda _, n: running(min(n * 10, 90)))
+    source = FakeSource(lambda _, n: running(min(max(n - 1, 0) * 10, 90)))  # 0 % at first (a queue)
     exported: list[dict[str, Any]] = []
 
     async def body(scheduler: Scheduler, _: Recorder, __: Budget) -> None:
@@ -413,6 +413,7 @@ def test_export_and_restore_carry_the_schedule_over() -> None:
     assert state["polls"] >= 3
     assert len(state["samples"]) >= 2
     assert state["deadline_s"] == pytest.approx(10_000)
+    assert state["zero_at"] is not None  # the last poll that still saw 0 % bounds the start
 
     async def again(scheduler: Scheduler, _: Recorder, __: Budget) -> None:
         scheduler.track("exec_one", restored=state)
@@ -420,7 +421,7 @@ def test_export_and_restore_carry_the_schedule_over() -> None:
         assert copy is not None
         for key in ("polls", "errors", "misses", "progress", "status", "deadline_s"):
             assert copy[key] == state[key]
-        for key in ("tracked_since", "last_poll"):
+        for key in ("tracked_since", "last_poll", "zero_at"):
             assert copy[key] == pytest.approx(state[key], abs=1e-3)
         flat = [value for pair in copy["samples"] for value in pair]
         assert flat == pytest.approx([value for pair in state["samples"] for value in pair], abs=1e-3)

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TextIO
 
-from monitor.bench import DEFAULT_POLICIES, PolicyResult, bench
+from monitor.bench import DEFAULT_POLICIES, DELAY_MEASURED, INFORMED, PolicyResult, bench
 from monitor.errors import UsageError
 from monitor.logs import configure_logging
 from monitor.schedule.policy import POLICY_NAMES
@@ -29,6 +29,10 @@ _COLUMNS = (
     ("undetected", "undetected", "{:d}"),
 )
 _RATIO_KEYS = ("mean_s", "p50_s", "p90_s", "p99_s", "max_s", "requests")
+# (numerator, denominator): what the adaptive policy wins over the baseline, and what better
+# prediction could still win (informed: perfect prediction of when each run would complete).
+_RATIOS = (("adaptive", "backoff"), ("adaptive", INFORMED))
+_MIN_DENOMINATOR = 1e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,11 +57,20 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give at least one --policy")
     results = bench(scenario, policies)
     if args.json:
-        payload = {"scenario": scenario.name, "policies": {k: _json_row(v) for k, v in results.items()}}
+        payload = {
+            "scenario": scenario.name,
+            "seed": scenario.seed,
+            "delay": DELAY_MEASURED,
+            "policies": {k: _json_row(v) for k, v in results.items()},
+            "ratios": ratios(results),
+        }
         print(json.dumps(payload))
     else:
         print_table(scenario.name, results, sys.stdout)
     return 0
+
+
+_SIMULATED = (*POLICY_NAMES, INFORMED)  # the rows that ran through the outbox (not the oracle)
 
 
 def _json_row(result: PolicyResult) -> dict[str, float | int]:
@@ -67,20 +80,34 @@ def _json_row(result: PolicyResult) -> dict[str, float | int]:
     return row
 
 
+def ratios(results: dict[str, PolicyResult]) -> dict[str, dict[str, float | None]]:
+    """{"adaptive/backoff": {"mean_s": ..., ...}, "adaptive/informed": {...}} for the pairs that ran;
+    None where the denominator is under a millisecond (informed's p50 is ~0: no ratio means much)."""
+    found: dict[str, dict[str, float | None]] = {}
+    for top, bottom in _RATIOS:
+        if top in results and bottom in results:
+            a, b = results[top].as_json(), results[bottom].as_json()
+            found[f"{top}/{bottom}"] = {k: a[k] / b[k] if b[k] >= _MIN_DENOMINATOR else None for k in _RATIO_KEYS}
+    return found
+
+
 def print_table(name: str, results: dict[str, PolicyResult], out: TextIO) -> None:
-    """A plain table (seconds of detection delay), plus adaptive/backoff when both ran."""
+    """A plain table (seconds of detection delay), plus adaptive/backoff and adaptive/informed."""
     rows = [("policy", *(label for _, label, _ in _COLUMNS))]
     for policy, result in results.items():
         values = result.as_json()
         rows.append((policy, *(fmt.format(values[key]) for key, _, fmt in _COLUMNS)))
-    if "adaptive" in results and "backoff" in results:
-        a, b = results["adaptive"].as_json(), results["backoff"].as_json()
-        cells = [f"{a[k] / b[k]:.2f}" if k in _RATIO_KEYS and b[k] else "" for k, _, _ in _COLUMNS]
-        rows.append(("adaptive/backoff", *cells))
+    for pair, ratio in ratios(results).items():
+        rows.append((pair, *("" if (r := ratio.get(k)) is None else f"{r:.2f}" for k, _, _ in _COLUMNS)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print(f"scenario {name}: detection delay in seconds (end in the simulator -> result at the sink)", file=out)
+    print(f"scenario {name}: detection delay in seconds ({DELAY_MEASURED})", file=out)
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)), file=out)
+    simulated = {policy: r for policy, r in results.items() if policy in _SIMULATED}
+    if simulated:
+        polled = ", ".join(f"{policy} {r.poll_mean_s:.1f}" for policy, r in simulated.items())
+        added_ms = max(1000 * (r.mean_s - r.poll_mean_s) for r in simulated.values())
+        print(f"mean delay up to the poll's answer: {polled}; the outbox and sink add {added_ms:.3f} ms", file=out)
 
 
 def _quiet_logs() -> None:

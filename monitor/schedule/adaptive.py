@@ -28,13 +28,25 @@ from monitor.schedule.base import (
     EPS,
     Policy,
 )
-from monitor.schedule.estimate import PRIOR_NOISE, Eta, anchor_is_plausible, fit_eta, fit_eta_origin, gaussian_crossing
+from monitor.schedule.durations import AgeTable, Durations
+from monitor.schedule.estimate import (
+    PRIOR_NOISE,
+    Eta,
+    Shapes,
+    anchor_is_plausible,
+    fit_eta,
+    fit_eta_origin_lagging,
+    fit_eta_prior,
+    gaussian_crossing,
+    straighten,
+)
 from monitor.schedule.state import ExecState, LazyHeap
 
 _FLOOR_ITERATIONS = 8
 _MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are deferred
 _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
 _PRIOR_RATE = 1e-4  # ends per second of running, before any were seen (one pseudo-event)
+_PRIOR_SD_LOG = 0.7  # spread of log run times assumed before the runs of a kind say otherwise
 _MIN_EVENTS = 5  # ends of silent executions needed before their own rate is used
 MIN_GAP_S = 2.0  # an answer fresher than this rarely has news: the token serves another execution
 STALLED_BOOST = 2.0  # a stalled execution comes round in the round robin this many times as often
@@ -48,6 +60,39 @@ class _Ends:
     def __init__(self) -> None:
         self.events = 0
         self.exposure = 0.0
+
+
+class _LogStats:
+    """Count, mean and sum of squared deviations of log run times (Welford)."""
+
+    __slots__ = ("m2", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+
+    def merge(self, n: int, mean: float, m2: float) -> None:
+        """Pool another set's (n, mean, m2) into this one (Chan et al.)."""
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.mean += delta * n / total
+        self.n = total
+
+    def slope_prior(self) -> tuple[float, float] | None:
+        """(b0, sd) of the progress slope 100 / D (points per second), once a few runs ended."""
+        if self.n < _MIN_EVENTS:
+            return None
+        sd_log = math.sqrt((self.m2 + _PRIOR_SD_LOG**2 * 2.0) / (self.n - 1 + 2.0))
+        b0 = 100.0 / math.exp(self.mean)
+        return b0, b0 * max(sd_log, 0.1)
 
 
 class AdaptivePolicy(Policy):
@@ -86,6 +131,31 @@ class AdaptivePolicy(Policy):
         self._unexpected = 0  # failed or cancelled ends: no progress announces them
         self._weights = 0.0  # sum over tracked executions of sqrt(hazard)
         self._left: deque[float] = deque()  # when executions left, over the last F
+        self.durations = Durations()  # ends by age per kind label (see export_learning)
+        self._runs: dict[str | None, _LogStats] = {}  # log run times of completed runs, per kind
+        self._shapes: dict[str | None, Shapes] = {}  # the bend of progress curves, per kind
+
+    # -- what it learned, for a restart ------------------------------------------------------------
+
+    def export_learning(self) -> dict[str, object]:
+        """Run times learned per kind, JSON-able (ages only): hand it to `import_learning` later."""
+        return {
+            "durations": self.durations.export(),
+            "runs": [{"kind": k, "n": r.n, "mean": r.mean, "m2": r.m2} for k, r in self._runs.items()],
+            "shapes": [{"kind": k, "k": v.export()} for k, v in self._shapes.items()],
+        }
+
+    def import_learning(self, data: object) -> None:
+        """Start informed: merge what `export_learning` gave (malformed parts are ignored)."""
+        if not isinstance(data, dict):
+            return
+        self.durations.load(data.get("durations"))
+        for kind, item in _items(data.get("runs")):
+            n, mean, m2 = _finite(item.get("n")), _finite(item.get("mean")), _finite(item.get("m2"))
+            if n is not None and n >= 1 and n == int(n) and mean is not None and m2 is not None and m2 >= 0:
+                self._runs.setdefault(kind, _LogStats()).merge(int(n), mean, m2)
+        for kind, item in _items(data.get("shapes")):
+            self._shapes.setdefault(kind, Shapes()).load(item.get("k"))
 
     # -- the floor ---------------------------------------------------------------------------------
 
@@ -131,13 +201,20 @@ class AdaptivePolicy(Policy):
         seconds = until - state.exposed_to
         if seconds > 0:
             self._all.exposure += seconds
+            self.durations.table(_kind(state)).expose(
+                state.exposed_to - state.tracked_since, until - state.tracked_since
+            )
             if _silent(state):
                 self._silent.exposure += seconds
             state.exposed_to = until
 
-    def finished(self, state: ExecState, ended_at: float, outcome: Outcome) -> None:
+    def finished(self, state: ExecState, ended_at: float, outcome: Outcome, run_s: float | None = None) -> None:
         self._expose(state, ended_at)
+        if outcome is Outcome.COMPLETED and run_s is not None:
+            self._runs.setdefault(_kind(state), _LogStats()).add(math.log(run_s))
+            self._shapes.setdefault(_kind(state), Shapes()).add_run(state.sample_pairs(), ended_at - run_s, run_s)
         self._all.events += 1
+        self.durations.table(_kind(state)).end(ended_at - state.tracked_since)
         if _silent(state):
             self._silent.events += 1
         if outcome is not Outcome.COMPLETED:
@@ -152,11 +229,16 @@ class AdaptivePolicy(Policy):
         self._expose(state, now)
         if math.isfinite(state.eta) and now >= state.due - EPS:
             state.misses += 1  # asked because its end was due, and it is still going
+        if state.progress == 0 and _silent(state):
+            state.zero_at = now  # still waiting (a queue): the run started after this
         self._predict(state, now)
 
     def _predict(self, state: ExecState, now: float) -> None:
         """Set eta, due (inf without a prediction) and the hazard weight."""
-        eta = _estimate(state)
+        stats = self._runs.get(_kind(state))
+        shapes = self._shapes.get(_kind(state))
+        shape = 1.0 if shapes is None else shapes.shape()
+        eta = _estimate(state, None if stats is None else stats.slope_prior(), shape)
         if eta is not None and (
             eta.sd > self.max_rel_sd * max(eta.at - state.tracked_since, 0.0)
             or max(p for _, p in state.sample_pairs()) < self.min_progress
@@ -171,7 +253,15 @@ class AdaptivePolicy(Policy):
             hazard = self.unexpected_rate()
         else:
             state.eta = state.due = math.inf
-            hazard = self.silent_rate()
+            table = self._learned(state)
+            if not _silent(state):
+                # Progress, but too little or too vague to predict from: it is early in its run, and
+                # only an unannounced failure can end it soon (not the rate of silent runs' ends).
+                hazard = self.unexpected_rate()
+            elif table is None:
+                hazard = self.silent_rate()
+            else:
+                hazard = table.weight(now - state.tracked_since) ** 2
         weight = math.sqrt(hazard)
         self._weights = max(self._weights + weight - state.weight, 0.0)
         state.weight = weight
@@ -184,10 +274,27 @@ class AdaptivePolicy(Policy):
             period = self._cycle * (self._weights / self._count) / state.weight
         return period / STALLED_BOOST if state.stall_key is not None else period
 
+    def _learned(self, state: ExecState) -> AgeTable | None:
+        """Its kind's age table, once enough of that kind have ended; only for runs without progress."""
+        if not _silent(state):
+            return None
+        table = self.durations.tables.get(_kind(state))
+        return table if table is not None and table.events >= _MIN_EVENTS else None
+
+    def _round_key(self, state: ExecState) -> float:
+        """last poll + its period; without progress, the square-root rule at its age: the next poll
+        when the integral of sqrt(hazard(age)) since the last one reaches P * mean_j(sqrt(lambda_j))."""
+        table = self._learned(state) if math.isinf(state.due) else None
+        if table is None or self._count <= 0:
+            return state.last_poll + self._period(state)
+        unit = self._cycle * self._weights / self._count
+        limit = 4.0 * self._cycle * self.floor_factor
+        return state.last_poll + table.next_poll(state.last_poll - state.tracked_since, unit, limit)
+
     def _enqueue(self, state: ExecState) -> None:
         state.ver += 1
         self._floor.push(state.last_poll, state)
-        self._round.push(state.last_poll + self._period(state), state)
+        self._round.push(self._round_key(state), state)
         if state.due < math.inf:
             self._due.push(state.due, state)
         if state.check_at < math.inf:
@@ -240,28 +347,66 @@ class AdaptivePolicy(Policy):
         return at
 
 
-def _estimate(state: ExecState) -> Eta | None:
-    """The end predicted from its progress samples, or None without usable progress."""
+def _estimate(  # noqa: PLR0911
+    state: ExecState, prior: tuple[float, float] | None = None, shape: float = 1.0
+) -> Eta | None:
+    """The end predicted from its progress samples, or None without usable progress.
+
+    `shape`: its kind's learned bend k (progress = 100 f**k); samples are straightened first."""
     # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
-    pairs = [(t, p) for t, p in state.sample_pairs() if 0 < p < 99]
+    every = state.sample_pairs()
+    pairs = [(t, straighten(p, shape)) for t, p in every if 0 < p < 99]
     if not pairs:
         return None
-    if not anchor_is_plausible(pairs, state.tracked_since):
-        return fit_eta(pairs)
-    eta = fit_eta_origin(pairs, state.tracked_since)
+    # The run started when it was tracked, or later: the last answer at 0 % says when at the latest
+    # it was still waiting (the poll's time; its updated_at: when it left the queue, if it did).
+    first = pairs[0][0]
+    zero = [state.tracked_since] + [t for t, p in every if p <= 0 and t < first]
+    if state.zero_at < first:
+        zero.append(state.zero_at)
+    origin = max(zero)
+    if prior is not None and pairs[0][1] > 3.0 * prior[0] * (pairs[0][0] - origin) + 3.0 * PRIOR_NOISE:
+        return fit_eta_prior(pairs, *prior)  # far ahead of any run of its kind: started before it was tracked
+    if not anchor_is_plausible(pairs, origin):
+        return fit_eta(pairs) if prior is None else fit_eta_prior(pairs, *prior)
+    eta = fit_eta_origin_lagging(pairs, origin, prior)
     if eta is None:
         return None
+    if prior is not None and eta.slope < prior[0] * math.exp(-2.0 * prior[1] / prior[0]) and len(pairs) >= 2:
+        # Far slower than runs of its kind from the moment it was tracked: it waited before it
+        # started (a queue at 0 %), and the anchor would predict late.
+        return fit_eta_prior(pairs, *prior)
     # Progress never runs ahead of time by more than its noise: each sample bounds the duration,
     # D <= 100 (t - t0) / (p - 2 s). Runs that report at checkpoints lag behind the line, and the
     # fit then predicts late; the bound catches that.
     margin = 3.0 * PRIOR_NOISE  # not the residuals: a staircase has large ones, its noise need not
     bound = min(
-        (100.0 * (t - state.tracked_since) / (p - margin) for t, p in pairs if p > margin + 5.0),
+        (100.0 * (t - origin) / (p - margin) for t, p in pairs if p > margin + 5.0 and t > origin),
         default=math.inf,
     )
-    if state.tracked_since + bound < eta.at:
-        return Eta(at=state.tracked_since + bound, sd=eta.sd, slope=100.0 / bound)
+    if bound > 0 and origin + bound < eta.at:
+        return Eta(at=origin + bound, sd=eta.sd, slope=100.0 / bound)
     return eta
+
+
+def _items(data: object) -> list[tuple[str | None, dict[str, object]]]:
+    """(kind, dict) for each dict of an exported list whose "kind" is a string or None."""
+    out: list[tuple[str | None, dict[str, object]]] = []
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, dict):
+            kind = item.get("kind")
+            if kind is None or isinstance(kind, str):
+                out.append((kind, item))
+    return out
+
+
+def _finite(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _kind(state: ExecState) -> str | None:
+    labels = state.labels
+    return labels.get("kind") if labels else None
 
 
 def _silent(state: ExecState) -> bool:

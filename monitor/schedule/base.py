@@ -112,8 +112,11 @@ class Policy(ABC):
         self._on_running(state, now)
         self._enqueue(state)
 
-    def finished(self, state: ExecState, ended_at: float, outcome: Outcome) -> None:  # noqa: B027
-        """It ended at about `ended_at` (loop time): something to learn from (optional hook)."""
+    def finished(  # noqa: B027  # optional hook
+        self, state: ExecState, ended_at: float, outcome: Outcome, run_s: float | None = None
+    ) -> None:
+        """It ended at about `ended_at` (loop time) after running `run_s` seconds (the server's
+        `metadata.execution_time`, None when not given): something to learn from."""
 
     def _release_held(self, now: float) -> None:
         while (entry := self._held.top()) is not None and entry[0] <= now:

@@ -33,6 +33,7 @@ def export_state(state: ExecState, clock: Clock) -> dict[str, Any]:
         "samples": [[clock.wall(t), p] for t, p in state.sample_pairs()],
         "delay": state.delay,
         "misses": state.misses,
+        "zero_at": clock.wall(state.zero_at) if math.isfinite(state.zero_at) else None,
         "stall": _export_stall(state, clock),
     }
 
@@ -61,6 +62,8 @@ def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
     state.polls = _count(data.get("polls"))
     state.errors = _count(data.get("errors"))
     state.misses = _count(data.get("misses"))
+    if _number(data.get("zero_at")) is not None:
+        state.zero_at = _loop_time(data.get("zero_at"), clock, state.zero_at)
     delay = _number(data.get("delay"))
     if delay is not None and delay > 0:
         state.delay = delay
@@ -84,7 +87,7 @@ def restore_state(state: ExecState, data: dict[str, Any], clock: Clock) -> None:
             if isinstance(item, list | tuple) and len(item) == 2:
                 t, p = _number(item[0]), _number(item[1])
                 if t is not None and p is not None:
-                    state.add_sample(clock.to_loop(t), int(p))
+                    state.add_sample(clock.to_loop(t), p)
 
 
 def _restore_stall(state: ExecState, data: dict[str, Any], clock: Clock) -> None:

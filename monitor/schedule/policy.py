@@ -32,10 +32,19 @@ adaptive (the default; monitor/schedule/adaptive.py)
            p = b (t - t0),  eta = t0 + 100 / b,  sd = 100 s / (b^2 sqrt(sum (t_i - t0)^2))
        (otherwise p = a + b t, eta = (100 - a) / b, the smoothed form of Hadoop LATE's
        eta = t2 + (100 - p2) (t2 - t1) / (p2 - p1)); s is the residual noise shrunk toward
-       2 points; 0 and 99 are clamped answers and left out. Progress never runs ahead of time
-       by more than its noise, so each sample bounds the duration, D <= 100 (t_i - t0) / (p_i - 4),
-       and eta = min(eta, t0 + that bound): runs that report at checkpoints lag behind any line
-       and would be predicted late. An eta is used once some sample shows >= 10 % and
+       2 points; 0 and 99 are clamped answers and left out. Samples are stamped with
+       `updated_at`; t0 is the later of tracked_since and the last poll that still saw 0 % (a
+       queue). The anchor is plausible unless the free line's zero crossing lies more than
+       3 standard errors (+ 30 s) before tracked_since (a run handed over late). Progress never
+       runs ahead of its line by more than its noise but may lag (checkpoints, a change of step
+       that moved updated_at): samples more than 1.5 noise units below the anchored line are left out and
+       it is fitted again (a majority is always kept), and each sample bounds the duration,
+       D <= 100 (t_i - t0) / (p_i - 4), eta = min(eta, t0 + that bound). Per `kind` label the
+       policy learns from completed runs (start = end - metadata.execution_time): the log run
+       time (a prior b ~ N(100 / D, ...) on the slope, used in the anchored fit and for runs whose
+       start is unknown) and the bend k of p = 100 f^k (the median of the last 31 runs' own
+       least-squares k of log p on log f, shrunk toward 1); samples are straightened,
+       p -> 100 (p / 100)^(1/k), before any fit. An eta is used once some sample shows >= 10 % and
        sd <= 0.5 (eta - t0) (vaguer ones would only waste polls). The expected staleness of
        asking at t, for a run last seen going at L whose end is ~ N(eta, sd^2), is
            U(t) = E[(t - End)^+ | End > L]
@@ -49,7 +58,8 @@ adaptive (the default; monitor/schedule/adaptive.py)
            P_i = P * mean_j(sqrt(lambda_j)) / sqrt(lambda_i)
        (the square-root rule: poll rate proportional to the square root of the hazard). lambda is
        learned: for executions with progress, the rate of unexpected ends (failed, cancelled) per
-       second of running; for those without, the rate of any end. So runs that may end at any
+       second of running (also while their progress is too small to predict from); for those
+       without, the rate of any end (by age per kind once learned). So runs that may end at any
        moment come round more often than runs whose end is predicted far away; with one kind of
        execution it is plain round robin. An execution due before its floor deadline is skipped
        here: its predicted poll comes anyway; one polled less than g ago is never taken.

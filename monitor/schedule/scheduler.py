@@ -428,7 +428,7 @@ class Scheduler:
             return
         state.last_poll = now
         if status.progress is not None:
-            state.add_sample(now, status.progress)
+            state.add_sample(self._stamp(state, status, now), status.progress)
         self._policy.polled(state, now)
 
     def _observe_stall(self, state: ExecState, status: StatusRecord, now: float) -> None:
@@ -441,6 +441,18 @@ class Scheduler:
             else:
                 self.stalls.applied(state, event)
         state.check_at = self.stalls.crossing(state, now)
+
+    def _stamp(self, state: ExecState, status: StatusRecord, now: float) -> float:
+        """When the reported progress was reached: `updated_at` when the server sent a plausible one
+        (not in the future, not before the previous sample's stamp), else the moment of the poll."""
+        stamp = parse_iso(status.updated_at) if status.updated_at else None
+        if stamp is None:
+            return now
+        at = min(self._clock.to_loop(stamp), now)
+        samples = state.samples
+        if samples:
+            at = max(at, samples[-2])
+        return at
 
     async def _handle_error(self, state: ExecState, exc: ApiError) -> None:
         now = self._clock.now()
@@ -490,7 +502,7 @@ class Scheduler:
         state.live = False
         self._policy.remove(state, now)
         if status is not None and status.status.terminal:
-            self._policy.finished(state, self._ended_at(state, status, now), outcome)
+            self._policy.finished(state, self._ended_at(state, status, now), outcome, _run_s(status))
         event = TerminalEvent(
             execution_id=state.execution_id,
             outcome=outcome,
@@ -538,3 +550,11 @@ class Scheduler:
                     await self._finish(state, Outcome.TIMED_OUT, None)
                 # In flight: the poll's answer decides (a terminal answer wins over the deadline).
             await self._wake_deadlines.wait(heap[0][0] if heap else math.inf)
+
+
+def _run_s(status: StatusRecord) -> float | None:
+    """`metadata.execution_time` when it is a plausible number of seconds."""
+    value = (status.metadata or {}).get("execution_time")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None

@@ -41,6 +41,7 @@ class ExecState:
         "progress",
         "queued",
         "raw_status",
+        "same",
         "samples",
         "seen",
         "stall_key",
@@ -48,6 +49,7 @@ class ExecState:
         "tracked_since",
         "ver",
         "weight",
+        "zero_at",
     )
 
     def __init__(
@@ -72,6 +74,7 @@ class ExecState:
         self.progress: int | None = None
         self.raw_status: str | None = None
         self.samples: array[float] | None = None  # flat (t, progress) pairs, oldest first
+        self.same = 1  # readings averaged into the last sample (answers with one updated_at)
         self.in_flight = False
         self.live = True  # False once terminal or untracked
         self.ver = 0  # bumped whenever its heap entries go stale
@@ -91,15 +94,25 @@ class ExecState:
         self.stall_key: str | None = None  # the freeze reported stalled (None: not stalled)
         self.stall_since = 0.0  # loop time that freeze began
         self.check_at = math.inf  # adaptive: when it crosses the stall threshold unless it changes first
+        self.zero_at = -math.inf  # adaptive: the last poll that found it at 0 % before any progress
 
     def __repr__(self) -> str:
         return f"ExecState({self.execution_id!r}, polls={self.polls}, due={self.due:.1f})"
 
-    def add_sample(self, t: float, progress: int) -> None:
-        """Remember a progress sample; when full, drop the one closest in time to its predecessor."""
+    def add_sample(self, t: float, progress: float) -> None:
+        """Remember a progress sample; when full, drop the one closest in time to its predecessor.
+
+        A reading stamped like the last one (the same `updated_at`: nothing changed in between but
+        the noise) is averaged into it: repeated readings of one level sharpen it.
+        """
         if self.samples is None:
             self.samples = array("d")
         samples = self.samples
+        if samples and abs(t - samples[-2]) < 1e-6 and 0 < progress < 99 and 0 < samples[-1] < 99:
+            self.same += 1
+            samples[-1] += (progress - samples[-1]) / self.same
+            return
+        self.same = 1
         samples.append(t)
         samples.append(float(progress))
         count = len(samples) // 2
