@@ -59,6 +59,7 @@ DEFAULT_POLICIES = ("backoff", "adaptive")
 INFORMED = "informed"
 ORACLE = "oracle"
 DELAY_MEASURED = "end in the simulator -> record confirmed by the sink (scheduler, outbox, sink lane)"
+_BENCH_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 _DRAIN_S = 60.0  # virtual seconds the outbox gets to hand the last records to the sink
 
 
@@ -294,6 +295,9 @@ async def run_policy(
     )
     runner, url = await start_simulator(settings, "127.0.0.1", 0)
     simulator = simulator_of(runner)
+    # A fixed wall-clock anchor: updated_at is sent in milliseconds, and with today's time as the
+    # anchor its rounding (hence every fit) would differ from one run to the next.
+    simulator.clock = Clock(loop, wall_anchor=_BENCH_EPOCH)
     clock = Clock(loop, wall_anchor=simulator.clock.wall())
     known_ends: dict[str, float] = {}
     made = _make(policy, known_ends.get)
