@@ -25,6 +25,10 @@ from monitor.state.pg import redact_text, redact_url
 CONNECT_TIMEOUT_S = 5  # an unreachable server fails the call within this, not after TCP's minutes
 STATEMENT_TIMEOUT = "10s"  # bounds a stall: statements are short, and called from the event loop
 POOL_WAIT_S = 5.0  # how long a call waits for a connection before it is a StoreFault
+# The pool retries a lost connection with a backoff that doubles (1, 2, 4 ... s) until this much time
+# has passed, then waits for the next call to try again. Kept short, so that a server back after a
+# failover is used within seconds (the store gate's probes are the next calls), not a minute later.
+RECONNECT_WINDOW_S = 10.0
 
 Cursor = psycopg.Cursor[DictRow]
 
@@ -54,6 +58,7 @@ def open_pool(url: str, kwargs: dict[str, Any], *, wait_s: float = POOL_WAIT_S) 
         configure=_configure,
         check=ConnectionPool.check_connection,  # a connection the server dropped is replaced, not a fault
         timeout=wait_s,
+        reconnect_timeout=RECONNECT_WINDOW_S,
         name="execmon-state",
     )
     try:
