@@ -258,7 +258,7 @@ class Monitor:
             self.config.state.lease_s,
             on_gained=gained,
             on_lost=lost,
-            after_cycle=parts.delivery.rescan,
+            after_cycle=self._after_claim_cycle,
             on_fault=parts.gate.report,
         )
 
@@ -270,6 +270,12 @@ class Monitor:
             max_connections=config.api.max_connections,
             retry_after_cap_s=config.api.retry_after_cap_s,
         )
+
+    def _after_claim_cycle(self) -> None:
+        """Rows whose claim lapsed elsewhere are this replica's to deliver now; `results()` callers
+        look for what the other replicas recorded."""
+        self._require_parts().delivery.rescan()
+        self._wake_waiters()
 
     def _new_budget(self, config: Config, parts: _Parts) -> Budget:
         """The key's budget, primed with what the previous process spent (persisted per request);
@@ -478,6 +484,11 @@ class Monitor:
                 self._raise_if_cannot_finish(pending if check_tracked else set())
                 item = await queue.get()
                 check_tracked = item is None
+                if item is None and self.state_url is not None:
+                    # Replicas: another one may have recorded some of them (woken every claim cycle).
+                    for record in parts.store.terminal_records(sorted(pending)).values():
+                        pending.discard(str(record["execution_id"]))
+                        yield Result.from_record(record)
                 if item is not None and item.execution_id in pending:
                     pending.discard(item.execution_id)
                     yield item

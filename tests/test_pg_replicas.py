@@ -4,6 +4,7 @@ from sending one row at once; a group digest is made once."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -192,3 +193,21 @@ def test_a_replica_holding_far_more_than_its_share_is_not_asked_to_flap(pair: tu
     assert b.claim_cycle(limit_hint=1).gained == []  # nothing free
     b.release_all()
     assert a.claim_cycle().held.keys() == {f"exec_{n}" for n in range(5)}
+
+
+async def test_results_on_one_monitor_include_what_another_replica_recorded(pg_url: str) -> None:
+    """Two library Monitors on one database: `results()` on the one that tracked nothing still
+    returns every result, whichever replica polled it (read back after each claim cycle)."""
+    import monitor.testing
+    from monitor import Monitor
+
+    async with monitor.testing.simulator(rate_limit="30/3s") as sim:
+        ids = await sim.create(count=4, duration_s=0.5, outcome="completed")
+        config = {"base_url": sim.url, "api_key": sim.api_key, "rate_limit": "30/3s"}
+        async with Monitor(**config, state=pg_url) as first, Monitor(**config, state=pg_url) as second:
+            await first.track(ids)
+            got = {}
+            async with asyncio.timeout(30):
+                async for result in second.results(ids):
+                    got[result.execution_id] = result.outcome
+            assert got == dict.fromkeys(ids, "completed")
