@@ -203,8 +203,10 @@ async def test_results_on_one_monitor_include_what_another_replica_recorded(pg_u
 
     async with monitor.testing.simulator(rate_limit="30/3s") as sim:
         ids = await sim.create(count=4, duration_s=0.5, outcome="completed")
-        config = {"base_url": sim.url, "api_key": sim.api_key, "rate_limit": "30/3s"}
-        async with Monitor(**config, state=pg_url) as first, Monitor(**config, state=pg_url) as second:
+        async with (
+            Monitor(base_url=sim.url, api_key=sim.api_key, rate_limit="30/3s", state=pg_url) as first,
+            Monitor(base_url=sim.url, api_key=sim.api_key, rate_limit="30/3s", state=pg_url) as second,
+        ):
             await first.track(ids)
             got = {}
             async with asyncio.timeout(30):
