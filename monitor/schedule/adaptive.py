@@ -2,8 +2,9 @@
 
 The formulas are in `monitor.schedule.policy`'s docstring. Four heaps with lazy deletion, each
 O(log n) per operation, so a choice never scans the tracked executions:
-- floor: by last poll; an execution not polled for F = max(g, alpha * (N + L) / R) goes first;
-- due: by the time the expected staleness of a predicted end crosses theta = kappa * P;
+- due: by the time the expected staleness of a predicted end crosses theta = min(kappa * P, sd);
+  these go first (a poll at a predicted end replaces a later one, and misses back off);
+- floor: by last poll; an execution not polled for F = max(g, alpha * (N + L) / R) goes next;
 - round robin: by last poll + its own period P_i = P * mean(sqrt(lambda)) / sqrt(lambda_i), so
   executions that can end at any moment (no progress) come round more often than those whose
   end is predicted far away; with one kind of execution it is plain round robin. A stalled
@@ -30,7 +31,9 @@ from monitor.schedule.base import (
 )
 from monitor.schedule.durations import AgeTable, Durations
 from monitor.schedule.estimate import (
+    MIN_NOISE,
     PRIOR_NOISE,
+    PRIOR_NOISE_WEIGHT,
     Eta,
     Shapes,
     anchor_is_plausible,
@@ -40,11 +43,13 @@ from monitor.schedule.estimate import (
     gaussian_crossing,
     straighten,
 )
+from monitor.schedule.lattice import STAMP_TOL_S, step_time
 from monitor.schedule.state import ExecState, LazyHeap
 
 _FLOOR_ITERATIONS = 8
 _MAX_DEFERRALS = 8  # per token: keeps a choice O(log n) even when many are deferred
 _MIN_SD = 1.0  # seconds: no prediction is sharper than the clocks involved
+MIN_REL_SD = 0.02  # a progress fit's relative error is never taken as smaller when looking for a grid
 _PRIOR_RATE = 1e-4  # ends per second of running, before any were seen (one pseudo-event)
 _PRIOR_SD_LOG = 0.7  # spread of log run times assumed before the runs of a kind say otherwise
 _MIN_EVENTS = 5  # ends of silent executions needed before their own rate is used
@@ -246,8 +251,9 @@ class AdaptivePolicy(Policy):
             eta = None  # too vague to act on: the round robin will bring a better sample
         if eta is not None:
             state.eta = eta.at
-            theta = self.kappa * self._cycle
-            due = gaussian_crossing(theta, eta.at, max(eta.sd, _MIN_SD), state.last_poll)
+            sd = max(eta.sd, _MIN_SD)
+            theta = min(self.kappa * self._cycle, sd)
+            due = gaussian_crossing(theta, eta.at, sd, state.last_poll)
             gap = self.min_gap_s * self.retry_growth**state.misses
             state.due = max(due, now + gap)
             hazard = self.unexpected_rate()
@@ -307,15 +313,18 @@ class AdaptivePolicy(Policy):
     def _pick(self, now: float) -> ExecState | None:
         now += EPS  # ready_at's sums and these differences may disagree in the last bit
         floor = self.floor_interval(now)
+        entry = self._due.top()
+        if entry is not None and entry[0] <= now:
+            self._due.pop()
+            return entry[1]
         stalest = self._floor.top()
         if stalest is not None and stalest[0] <= now - floor:
             self._floor.pop()
             return stalest[1]
-        for heap in (self._due, self._checks):
-            entry = heap.top()
-            if entry is not None and entry[0] <= now:
-                heap.pop()
-                return entry[1]
+        entry = self._checks.top()
+        if entry is not None and entry[0] <= now:
+            self._checks.pop()
+            return entry[1]
         return self._pick_round(now, floor)
 
     def _pick_round(self, now: float, floor: float) -> ExecState | None:
@@ -347,12 +356,12 @@ class AdaptivePolicy(Policy):
         return at
 
 
-def _estimate(  # noqa: PLR0911
-    state: ExecState, prior: tuple[float, float] | None = None, shape: float = 1.0
-) -> Eta | None:
+def _estimate(state: ExecState, prior: tuple[float, float] | None = None, shape: float = 1.0) -> Eta | None:
     """The end predicted from its progress samples, or None without usable progress.
 
-    `shape`: its kind's learned bend k (progress = 100 f**k); samples are straightened first."""
+    `shape`: its kind's learned bend k (progress = 100 f**k); samples are straightened first. A
+    line through the samples, sharpened by the grid of its `updated_at` stamps when they have one
+    (`monitor.schedule.lattice`)."""
     # 0 and 99 are clamped values (the API reports 0-99 while running): censored, not samples.
     every = state.sample_pairs()
     pairs = [(t, straighten(p, shape)) for t, p in every if 0 < p < 99]
@@ -365,17 +374,27 @@ def _estimate(  # noqa: PLR0911
     if state.zero_at < first:
         zero.append(state.zero_at)
     origin = max(zero)
-    if prior is not None and pairs[0][1] > 3.0 * prior[0] * (pairs[0][0] - origin) + 3.0 * PRIOR_NOISE:
-        return fit_eta_prior(pairs, *prior)  # far ahead of any run of its kind: started before it was tracked
-    if not anchor_is_plausible(pairs, origin):
-        return fit_eta(pairs) if prior is None else fit_eta_prior(pairs, *prior)
-    eta = fit_eta_origin_lagging(pairs, origin, prior)
+    eta, anchored = _line(pairs, origin, prior)
     if eta is None:
         return None
+    return _on_grid(pairs, eta, origin if anchored else None, state.last_poll - every[-1][0]) or eta
+
+
+def _line(
+    pairs: list[tuple[float, float]], origin: float, prior: tuple[float, float] | None
+) -> tuple[Eta | None, bool]:
+    """The line's end, and whether it goes through (origin, 0) (the run started then)."""
+    if prior is not None and pairs[0][1] > 3.0 * prior[0] * (pairs[0][0] - origin) + 3.0 * PRIOR_NOISE:
+        return fit_eta_prior(pairs, *prior), False  # far ahead of any run of its kind: started before it was tracked
+    if not anchor_is_plausible(pairs, origin):
+        return (fit_eta(pairs) if prior is None else fit_eta_prior(pairs, *prior)), False
+    eta = fit_eta_origin_lagging(pairs, origin, prior)
+    if eta is None:
+        return None, False
     if prior is not None and eta.slope < prior[0] * math.exp(-2.0 * prior[1] / prior[0]) and len(pairs) >= 2:
         # Far slower than runs of its kind from the moment it was tracked: it waited before it
         # started (a queue at 0 %), and the anchor would predict late.
-        return fit_eta_prior(pairs, *prior)
+        return fit_eta_prior(pairs, *prior), False
     # Progress never runs ahead of time by more than its noise: each sample bounds the duration,
     # D <= 100 (t - t0) / (p - 2 s). Runs that report at checkpoints lag behind the line, and the
     # fit then predicts late; the bound catches that.
@@ -385,8 +404,31 @@ def _estimate(  # noqa: PLR0911
         default=math.inf,
     )
     if bound > 0 and origin + bound < eta.at:
-        return Eta(at=origin + bound, sd=eta.sd, slope=100.0 / bound)
-    return eta
+        return Eta(at=origin + bound, sd=eta.sd, slope=100.0 / bound), True
+    return eta, True
+
+
+def _on_grid(pairs: list[tuple[float, float]], eta: Eta, origin: float | None, unchanged_s: float) -> Eta | None:
+    """The end from the step time of its `updated_at` grid, or None when the stamps have none.
+
+    With the start known (`origin`): start + 100 tau, as sharp as the start. Otherwise the line of
+    slope 1 / tau through the readings: only its height is left to the noise."""
+    stamps = [t for t, _ in pairs]
+    start = stamps[0] if origin is None else origin
+    rel_sd = max(eta.sd / max(eta.at - start, 1.0), MIN_REL_SD)
+    tau = step_time(stamps, 1.0 / eta.slope, rel_sd)
+    if tau is None or unchanged_s > 2.0 * tau + STAMP_TOL_S:
+        return None  # no grid, or it stood still for longer than its steps: not a steady pace
+    if origin is not None:
+        if any(p > (t - origin) / tau + 3.0 * PRIOR_NOISE for t, p in pairs):
+            return None  # ahead of that pace by more than any noise: the grid is too coarse a guess
+        return Eta(at=origin + 100.0 * tau, sd=_MIN_SD, slope=1.0 / tau)
+    n = len(pairs)
+    mean_t = sum(t for t, _ in pairs) / n
+    mean_p = sum(p for _, p in pairs) / n
+    sse = sum((p - mean_p - (t - mean_t) / tau) ** 2 for t, p in pairs)
+    noise = max(math.sqrt((sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT)), MIN_NOISE)
+    return Eta(at=mean_t + (100.0 - mean_p) * tau, sd=max(tau * noise / math.sqrt(n), _MIN_SD), slope=1.0 / tau)
 
 
 def _items(data: object) -> list[tuple[str | None, dict[str, object]]]:

@@ -16,7 +16,9 @@ backoff (the baseline)
 
 adaptive (the default; monitor/schedule/adaptive.py)
     Polls a predicted end when it is due, spends the other tokens in a hazard-weighted round robin,
-    and keeps a floor. Each token goes, in this order, to:
+    and keeps a floor. Each token goes, in this order, to a predicted end whose due time has come
+    (2: each backs off after a miss, so they are few), the floor (1), a stall check, and the round
+    robin (3):
     1. the floor: the execution polled longest ago, if that was at least
            F = max(g, alpha * P),  P = (N + L) / R      (alpha = floor_factor, default 1.3)
        ago. P = (N + L) / R is about the baseline's own round-robin period: N tracked, L those
@@ -50,10 +52,17 @@ adaptive (the default; monitor/schedule/adaptive.py)
            U(t) = E[(t - End)^+ | End > L]
                 = [(t - eta)(Phi(b) - Phi(a)) + sd (phi(b) - phi(a))] / (1 - Phi(a)),
            a = (L - eta) / sd,  b = (t - eta) / sd,
-       and the execution is due when U(t) = theta = kappa * P (kappa = 0.03, P = (N + L) / R):
-       one threshold for all, as Olston and Pandey (WWW 2008) show is best for a fixed number
-       of polls. After a poll at its due time that finds it still running ("a miss"), it
-       waits at least g * backoff_factor^misses (a run stuck at 99 % does not eat the budget).
+       and the execution is due when U(t) = theta = min(kappa * P, sd) (kappa = 0.03,
+       P = (N + L) / R): one threshold for all, as Olston and Pandey (WWW 2008) show is best for
+       a fixed number of polls, except that an end known to within less than theta is polled
+       just after it (about one poll either way; waiting for theta would only add theta to the
+       delay). Such ends come from `updated_at` (`monitor.schedule.lattice`): a run moving at a
+       steady pace changes its whole-number progress every tau = D / 100 seconds, so its stamps
+       lie on a grid of step tau, found to the millisecond once three of them agree; then
+       eta = t0 + 100 tau (sd 1 s) for a run seen from its start, or the line of slope 1 / tau
+       through the readings otherwise. After a poll at its due time that finds it still running
+       ("a miss"), it waits at least g * backoff_factor^misses (a run stuck at 99 % does not eat
+       the budget).
     3. the round robin (a spare token): the smallest last_poll + P_i, with
            P_i = P * mean_j(sqrt(lambda_j)) / sqrt(lambda_i)
        (the square-root rule: poll rate proportional to the square root of the hazard). lambda is

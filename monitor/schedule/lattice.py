@@ -1,0 +1,64 @@
+"""The step time of progress that moves at a steady pace, read from `updated_at` alone.
+
+A run whose progress grows linearly in time and is shown as a whole number changes its shown
+value every tau = D / 100 seconds, and `updated_at` is the server's time of the last change (the
+noise on the reported number is the reading's, not the job's). So any two `updated_at` stamps of
+such a run are a whole number of steps apart: u_j - u_i = k_ij * tau, to the stamps' resolution.
+The noisy progress says tau only to a few per cent; the stamps say it to milliseconds once their
+step counts are unambiguous, which makes a run's end known to about a second instead of tens.
+
+`step_time` finds that tau: the first and last stamps, S apart, allow k in a narrow range around
+S / tau0; a candidate tau = S / k is kept when every other stamp also falls on its grid. A run that
+is not linear (curves, checkpoints, a stall in between, a server that rounds `updated_at` to whole
+seconds) fits no candidate, or several, and gets None: the caller keeps its usual estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+STAMP_TOL_S = 0.004  # stamps come in milliseconds: a difference of two is exact to 1 ms, plus float error
+MIN_STAMPS = 3  # the pair that proposes tau, and at least one more that confirms it
+MAX_CANDIDATES = 64  # step counts tried per estimate: keeps it O(samples) with a small constant
+MAX_REL_SD = 0.15  # beyond this the range of k could hold tau / 2 or 2 tau: no answer
+
+
+def step_time(stamps: Sequence[float], tau0: float, rel_sd: float, tol: float = STAMP_TOL_S) -> float | None:
+    """tau such that every stamp, or all but one, lies on one grid of step tau; None when no grid or
+    several fit.
+
+    `tau0`: the step time the progress fit gives (1 / slope), `rel_sd` its relative standard error;
+    candidates lie within 3 of those. One stamp may be off the grid: a change of `current_step`
+    between two progress steps moves `updated_at` too. At least MIN_STAMPS must be on it.
+    """
+    points = sorted(set(stamps))
+    if len(points) < MIN_STAMPS or tau0 <= 0 or not 0 <= rel_sd <= MAX_REL_SD:
+        return None
+    taus = _grids(points, tau0, rel_sd, tol)
+    if not taus and len(points) > MIN_STAMPS:
+        for skip in range(len(points)):
+            for tau in _grids(points[:skip] + points[skip + 1 :], tau0, rel_sd, tol):
+                if all(abs(tau - other) * len(points) > tol for other in taus):
+                    taus.append(tau)
+    return taus[0] if len(taus) == 1 else None
+
+
+def _grids(points: list[float], tau0: float, rel_sd: float, tol: float) -> list[float]:
+    """Every tau near tau0 on whose grid all the (sorted, distinct) points lie."""
+    first, span = points[0], points[-1] - points[0]
+    k_low = max(math.ceil(span / (tau0 * (1.0 + 3.0 * rel_sd))), 1)
+    k_high = math.floor(span / (tau0 * max(1.0 - 3.0 * rel_sd, 1e-9)))
+    if k_high < k_low or k_high - k_low >= MAX_CANDIDATES or tol * k_high > 0.05 * span:
+        return []  # too vague, or steps too short for the stamps' resolution
+    found = []
+    for k in range(k_low, k_high + 1):
+        tau = span / k
+        if all(_on_grid(u - first, tau, tol) for u in points[1:-1]):
+            found.append(tau)
+    return found
+
+
+def _on_grid(offset: float, tau: float, tol: float) -> bool:
+    steps = offset / tau
+    return abs(steps - round(steps)) * tau <= tol

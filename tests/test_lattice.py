@@ -1,0 +1,177 @@
+"""The step grid of `updated_at` stamps (monitor.schedule.lattice), and how the adaptive policy uses it.
+
+The runs here are the simulator's own (`SimExecution`): its `last_change` is what the server sends
+as `updated_at`, its `reported_progress` the noisy reading.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from monitor.schedule.adaptive import AdaptivePolicy, _estimate
+from monitor.schedule.lattice import step_time
+from monitor.schedule.state import ExecState
+from monitor.simulator.progress import SimExecution
+from monitor.simulator.scenario import PlannedOutcome, ProgressModel
+
+
+def _ms(t: float) -> float:
+    """A stamp as the API sends it: milliseconds."""
+    return round(t, 3)
+
+
+def _run(model: str, run_s: float, *, seed: int = 1, noise: float = 1.5, shape: float = 1.0) -> SimExecution:
+    return SimExecution.create(
+        execution_id="exec_grid",
+        created_at=1000.0,
+        duration_s=run_s,
+        end_s=run_s,
+        outcome=PlannedOutcome.COMPLETED,
+        progress=ProgressModel(model, noise, shape),
+        seed=seed,
+    )
+
+
+def _stamps(run: SimExecution, polls: list[float]) -> list[float]:
+    return [_ms(run.last_change(1000.0 + t)) for t in polls]
+
+
+def test_a_linear_runs_stamps_give_its_step_to_the_millisecond() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        run_s = rng.uniform(300.0, 7200.0)
+        run = _run("linear", run_s, seed=rng.randrange(1000))
+        polls = sorted(rng.uniform(0.05, 0.97) * run_s for _ in range(4))
+        tau = step_time(_stamps(run, polls), run_s / 100.0 * rng.uniform(0.96, 1.04), 0.02)
+        if tau is not None:  # two polls within one step give one stamp: then there may be too few
+            assert tau == pytest.approx(run_s / 100.0, abs=1e-3)  # 1 ms per stamp, over 10+ steps
+
+
+def test_the_grid_does_not_depend_on_how_the_server_rounds_progress() -> None:
+    """Changes at whole steps (floor) instead of half steps (round): only differences count."""
+    tau = 23.456
+    stamps = [_ms(500.0 + level * tau) for level in (4, 17, 31, 58)]
+    assert step_time(stamps, tau * 1.03, 0.02) == pytest.approx(tau, abs=1e-4)
+
+
+def test_one_stamp_off_the_grid_is_left_out() -> None:
+    """A change of current_step between two progress steps moves updated_at off the grid."""
+    run_s = 3000.0
+    run = _run("linear", run_s)
+    stamps = [*_stamps(run, [200.0, 700.0, 1400.0, 2300.0]), _ms(1000.0 + 0.3 * run_s + 7.0)]
+    assert step_time(stamps, 30.5, 0.02) == pytest.approx(30.0, abs=2e-4)
+
+
+def test_no_grid_from_curves_and_none_far_off_from_checkpoints_or_whole_seconds() -> None:
+    """A curve's stamps have no grid. Checkpoints at whole per cents of the run, and stamps rounded to
+    whole seconds, may have one by chance: then it is about the run's own step (the end within a
+    few per cent), never far off."""
+    rng = random.Random(11)
+    found = []
+    for i in range(100):
+        run_s = rng.uniform(600.0, 7200.0)
+        polls = sorted(rng.uniform(0.05, 0.97) * run_s for _ in range(6))
+        curve = _run("curve", run_s, seed=i, noise=1.0, shape=0.6)
+        assert step_time(_stamps(curve, polls), run_s / 100.0, 0.05) is None
+        steps = _run("steps", run_s, seed=i, noise=3.0)
+        whole_seconds = [float(round(t)) for t in _stamps(_run("linear", run_s, seed=i), polls)]
+        for stamps in (_stamps(steps, polls), whole_seconds):
+            tau = step_time(stamps, run_s / 100.0, 0.05)
+            if tau is not None:
+                found.append(tau / (run_s / 100.0))
+    assert len(found) < 20
+    assert all(abs(ratio - 1.0) < 0.03 for ratio in found)
+
+
+def test_too_few_stamps_or_too_vague_a_guess_give_no_grid() -> None:
+    assert step_time([10.0, 40.0], 10.0, 0.01) is None  # a pair proposes, nothing confirms
+    assert step_time([10.0, 40.0, 40.0], 10.0, 0.01) is None  # the same stamp twice is one
+    assert step_time([10.0, 40.0, 70.0, 130.0], 10.0, 0.5) is None  # tau / 2 would fit too
+    assert step_time([10.0, 40.0, 70.0, 130.0], 10.0, 0.01) == pytest.approx(10.0)
+
+
+def _answer(policy: AdaptivePolicy, state: ExecState, run: SimExecution, at: float) -> None:
+    """What the scheduler does with a running answer at loop time `at`: a sample stamped with
+    updated_at (in milliseconds), then the policy's update."""
+    state.ver += 1  # taken out of the queue, as `choose` does
+    state.polls += 1
+    state.last_poll = at
+    state.progress = run.reported_progress(at)
+    state.add_sample(min(_ms(run.last_change(at)), at), state.progress)
+    policy.polled(state, at)
+
+
+def _tracked(policy: AdaptivePolicy, run: SimExecution, tracked_at: float) -> ExecState:
+    state = ExecState(run.execution_id, tracked_at)
+    policy.add(state, tracked_at)
+    return state
+
+
+def test_a_run_tracked_from_its_start_is_polled_right_after_its_end() -> None:
+    """Three answers at 15-45 % of a 2,400 s run: the noisy readings alone put its end tens of
+    seconds either way; the stamps put it within a second, and its poll comes just after it."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    for i in range(300):  # a round robin of 600 s: theta is 18 s, and a sharp end is polled before that
+        policy.add(ExecState(f"exec_{i}", 1000.0), 1000.0)
+    policy.floor_interval(1000.0)
+    run = _run("linear", 2400.0, seed=3)
+    state = _tracked(policy, run, 1000.0)
+    for f in (0.15, 0.31, 0.45):
+        _answer(policy, state, run, 1000.0 + f * 2400.0 + 0.4)
+    assert state.eta == pytest.approx(run.end_at, abs=1.0)
+    assert state.due == pytest.approx(run.end_at, abs=5.0)
+
+
+def test_a_run_handed_over_late_gets_the_steps_slope_and_the_readings_height() -> None:
+    """Handed over at 40 % of its run: no anchor, but the grid fixes the slope, so the end is off by
+    the readings' noise only (a few steps), not by the slope's error times the time left."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    errors = []
+    for seed in range(20):
+        run = _run("linear", 3000.0, seed=seed)
+        state = _tracked(policy, run, 1000.0 + 0.4 * 3000.0)
+        for f in (0.41, 0.5, 0.58, 0.66, 0.72):
+            _answer(policy, state, run, 1000.0 + f * 3000.0 + 0.7)
+        errors.append(abs(state.eta - run.end_at))
+    assert sorted(errors)[len(errors) // 2] < 2.0 * 30.0  # the median within two steps
+    assert max(errors) < 6.0 * 30.0
+
+
+def test_checkpoint_progress_is_not_sharpened() -> None:
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    run = _run("steps", 3000.0, seed=5, noise=3.0)
+    state = _tracked(policy, run, 1000.0)
+    for f in (0.12, 0.25, 0.41, 0.55, 0.63, 0.77):
+        _answer(policy, state, run, 1000.0 + f * 3000.0 + 0.3)
+    eta = _estimate(state)
+    assert eta is not None
+    assert eta.sd > 5.0  # the line's own uncertainty, not the grid's second
+
+
+def test_a_run_that_stood_still_for_longer_than_its_steps_is_not_sharpened() -> None:
+    """Stamps on a grid, then the same updated_at for 10 steps: not a steady pace any more."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    state = ExecState("exec_still", 0.0)
+    policy.add(state, 0.0)
+    for level in (10, 23, 37, 50):  # its level changes at (level - 0.5) steps of 30 s
+        state.ver += 1
+        state.last_poll = (level - 0.5) * 30.0 + 11.0
+        state.add_sample((level - 0.5) * 30.0, level)
+        policy.polled(state, state.last_poll)
+    sharp = _estimate(state)
+    assert sharp is not None
+    assert sharp.at == pytest.approx(3000.0, abs=0.01)
+    assert sharp.sd <= 1.0
+    state.ver += 1
+    state.last_poll = 49.5 * 30.0 + 300.0
+    state.add_sample(49.5 * 30.0, 50)  # still the old stamp, 10 steps later
+    policy.polled(state, state.last_poll)
+    vague = _estimate(state)
+    assert vague is not None
+    assert vague.sd > 5.0
