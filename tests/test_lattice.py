@@ -6,6 +6,7 @@ as `updated_at`, its `reported_progress` the noisy reading.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -175,3 +176,46 @@ def test_a_run_that_stood_still_for_longer_than_its_steps_is_not_sharpened() -> 
     vague = _estimate(state)
     assert vague is not None
     assert vague.sd > 5.0
+
+
+def test_a_zero_reading_of_a_started_run_does_not_move_its_start() -> None:
+    """Noise of a few per cent read as 0 % early in the run: its updated_at has moved since the
+    handover, so the run has started; that poll is no lower bound of the start (it was, and made
+    the end late by the time of that poll)."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    run = _run("linear", 3000.0, seed=2)
+    state = _tracked(policy, run, 1000.0)
+    state.ver += 1
+    state.last_poll = 1000.0 + 75.0  # 2.5 % in: level 2 since 45 s
+    state.progress = 0
+    state.add_sample(_ms(run.last_change(state.last_poll)), 0)
+    policy.polled(state, state.last_poll)
+    assert state.zero_at == -math.inf
+    for f in (0.2, 0.37, 0.52):
+        _answer(policy, state, run, 1000.0 + f * 3000.0 + 0.5)
+    assert state.eta == pytest.approx(run.end_at, abs=1.0)
+
+
+def test_a_queued_steady_run_starts_where_its_readings_say() -> None:
+    """600 s in a queue at 0 % (updated_at: its creation), then a steady 2,137 s run. The last poll
+    at 0 % came 400 s before the start: ending from there would be 400 s early; the readings on
+    the grid put the start within a few steps."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    run = SimExecution.create(
+        execution_id="exec_queued",
+        created_at=1000.0,
+        duration_s=2137.3,
+        end_s=2737.3,
+        outcome=PlannedOutcome.COMPLETED,
+        progress=ProgressModel("linear", 1.5),
+        seed=4,
+        queue_s=600.0,
+    )
+    state = _tracked(policy, run, 1000.0)
+    _answer(policy, state, run, 1200.0)
+    assert state.zero_at == 1200.0  # still queued: nothing moved since the handover
+    for f in (0.2, 0.33, 0.45, 0.6):
+        _answer(policy, state, run, 1600.0 + f * 2137.3 + 0.5)
+    assert run.end_at - 4 * 21.4 < state.eta < run.end_at + 21.4

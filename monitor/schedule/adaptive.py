@@ -40,6 +40,7 @@ from monitor.schedule.estimate import (
     fit_eta,
     fit_eta_origin_lagging,
     fit_eta_prior,
+    free_slope,
     gaussian_crossing,
     straighten,
 )
@@ -234,7 +235,7 @@ class AdaptivePolicy(Policy):
         self._expose(state, now)
         if math.isfinite(state.eta) and now >= state.due - EPS:
             state.misses += 1  # asked because its end was due, and it is still going
-        if state.progress == 0 and _silent(state):
+        if state.progress == 0 and _silent(state) and _unchanged_since_tracked(state, now):
             state.zero_at = now  # still waiting (a queue): the run started after this
         self._predict(state, now)
 
@@ -377,7 +378,10 @@ def _estimate(state: ExecState, prior: tuple[float, float] | None = None, shape:
     eta, anchored = _line(pairs, origin, prior)
     if eta is None:
         return None
-    return _on_grid(pairs, eta, origin if anchored else None, state.last_poll - every[-1][0]) or eta
+    # The grid's end is only as good as its start: the latest moment known to be before it (a 0 %
+    # reading's stamp may be a step after the start, and a late start predicts a late end).
+    start = max(state.tracked_since, state.zero_at)
+    return _on_grid(pairs, eta, start if anchored else None, state.last_poll - every[-1][0]) or eta
 
 
 def _line(
@@ -408,27 +412,39 @@ def _line(
     return eta, True
 
 
-def _on_grid(pairs: list[tuple[float, float]], eta: Eta, origin: float | None, unchanged_s: float) -> Eta | None:
+def _on_grid(pairs: list[tuple[float, float]], eta: Eta, low: float | None, unchanged_s: float) -> Eta | None:
     """The end from the step time of its `updated_at` grid, or None when the stamps have none.
 
-    With the start known (`origin`): start + 100 tau, as sharp as the start. Otherwise the line of
-    slope 1 / tau through the readings: only its height is left to the noise."""
+    `low`: a moment the run had not started before (its handover, or its last poll at 0 %), when
+    the line through it was plausible. The readings say the start too: a stamp u of reading p
+    gives u - p tau, noisy by tau s / sqrt(n). That is half a step early on average (the level
+    changed at its own step and is read half a step later, whether the server rounds or
+    truncates), on purpose: an early poll costs one poll, a late one costs the whole lateness
+    (on late-handover seeds 1000-1004 the unbiased u - (p - 0.5) tau gave 0.29 against 0.25).
+    The end is start + 100 tau: from `low` (sd 1 s) unless the readings put the start well
+    after it (a wait in a queue)."""
     stamps = [t for t, _ in pairs]
-    start = stamps[0] if origin is None else origin
-    rel_sd = max(eta.sd / max(eta.at - start, 1.0), MIN_REL_SD)
+    base = stamps[0] if low is None else low
+    rel_sd = max(eta.sd / max(eta.at - base, 1.0), MIN_REL_SD)
     tau = step_time(stamps, 1.0 / eta.slope, rel_sd)
+    if tau is None and low is not None:
+        free = free_slope(pairs)  # the anchor may be far from the start (a queue): a slope without it
+        if free is not None:
+            tau = step_time(stamps, 1.0 / free[0], max(free[1] / free[0], MIN_REL_SD))
     if tau is None or unchanged_s > 2.0 * tau + STAMP_TOL_S:
         return None  # no grid, or it stood still for longer than its steps: not a steady pace
-    if origin is not None:
-        if any(p > (t - origin) / tau + 3.0 * PRIOR_NOISE for t, p in pairs):
-            return None  # ahead of that pace by more than any noise: the grid is too coarse a guess
-        return Eta(at=origin + 100.0 * tau, sd=_MIN_SD, slope=1.0 / tau)
-    n = len(pairs)
-    mean_t = sum(t for t, _ in pairs) / n
-    mean_p = sum(p for _, p in pairs) / n
-    sse = sum((p - mean_p - (t - mean_t) / tau) ** 2 for t, p in pairs)
-    noise = max(math.sqrt((sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT)), MIN_NOISE)
-    return Eta(at=mean_t + (100.0 - mean_p) * tau, sd=max(tau * noise / math.sqrt(n), _MIN_SD), slope=1.0 / tau)
+    starts = [t - p * tau for t, p in pairs]
+    n = len(starts)
+    start = sum(starts) / n
+    spread = sum((x - start) ** 2 for x in starts) / tau**2
+    noise = math.sqrt((spread + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT))
+    sd = max(tau * max(noise, MIN_NOISE) / math.sqrt(n), _MIN_SD)
+    if low is not None:
+        if start < low - 3.0 * sd - 3.0 * PRIOR_NOISE * tau:
+            return None  # far ahead of a run started at `low`: the grid is too coarse a guess
+        if start <= low + 3.0 * sd:
+            return Eta(at=low + 100.0 * tau, sd=_MIN_SD, slope=1.0 / tau)
+    return Eta(at=start + 100.0 * tau, sd=sd, slope=1.0 / tau)
 
 
 def _items(data: object) -> list[tuple[str | None, dict[str, object]]]:
@@ -449,6 +465,17 @@ def _finite(x: object) -> float | None:
 def _kind(state: ExecState) -> str | None:
     labels = state.labels
     return labels.get("kind") if labels else None
+
+
+def _unchanged_since_tracked(state: ExecState, now: float) -> bool:
+    """The last answer's `updated_at` is no later than the handover (or there was none): nothing has
+    moved yet. A reading of 0 % with a later stamp is a run that has started (the noise of a few
+    per cent read as 0, or its first step): it bounds the start from above, not from below."""
+    samples = state.samples
+    if not samples:
+        return True
+    stamp = samples[-2]
+    return stamp <= state.tracked_since + STAMP_TOL_S or stamp >= now - STAMP_TOL_S
 
 
 def _silent(state: ExecState) -> bool:

@@ -59,6 +59,25 @@ def fit_eta(samples: Sequence[tuple[float, float]]) -> Eta | None:
     return Eta(at=t_ref + eta_rel, sd=math.sqrt(var), slope=slope)
 
 
+def free_slope(samples: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """(b, sd of b) of the least-squares line `p = a + b t`, with the noise shrunk as in `fit_eta`;
+    None without three samples or a positive slope."""
+    n = len(samples)
+    if n < 3:
+        return None
+    mean_t = sum(t for t, _ in samples) / n
+    mean_p = sum(p for _, p in samples) / n
+    sxx = sum((t - mean_t) ** 2 for t, _ in samples)
+    if sxx <= 1e-9:
+        return None
+    slope = sum((t - mean_t) * (p - mean_p) for t, p in samples) / sxx
+    if slope <= 1e-12:
+        return None
+    sse = sum((p - mean_p - slope * (t - mean_t)) ** 2 for t, p in samples)
+    noise_sq = (sse + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 2 + PRIOR_NOISE_WEIGHT)
+    return slope, max(math.sqrt(noise_sq), MIN_NOISE) / math.sqrt(sxx)
+
+
 def fit_eta_prior(samples: Sequence[tuple[float, float]], b0: float, sd_b0: float) -> Eta | None:
     """Least squares `p = a + b t` with a prior b ~ N(b0, sd_b0^2) on the slope (from the run times of
     its kind), for runs whose start is unknown: one sample already gives an end, more sharpen it.
