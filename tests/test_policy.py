@@ -217,13 +217,13 @@ def adaptive(n: int, rate: float = 0.5, **kwargs: float) -> tuple[AdaptivePolicy
 
 def test_adaptive_floor_interval_follows_n_and_recent_leavers() -> None:
     policy, states = adaptive(100)
-    assert policy.floor_interval(0.0) == pytest.approx(1.3 * 100 / 0.5)
+    assert policy.floor_interval(0.0) == pytest.approx(1.1 * 100 / 0.5)
     for state in states[:40]:
         state.live = False
         policy.remove(state, 10.0)
     # The 40 that just left still count: a cycle that began before they left had to visit them.
-    assert policy.floor_interval(11.0) == pytest.approx(1.3 * 100 / 0.5)
-    assert policy.floor_interval(10.0 + 261.0) == pytest.approx(1.3 * 60 / 0.5)
+    assert policy.floor_interval(11.0) == pytest.approx(1.1 * 100 / 0.5)
+    assert policy.floor_interval(10.0 + 221.0) == pytest.approx(1.1 * 60 / 0.5)
 
 
 def test_adaptive_spends_spare_tokens_round_robin() -> None:

@@ -112,7 +112,7 @@ class AdaptivePolicy(Policy):
         initial_interval_s: float = DEFAULT_INITIAL_INTERVAL_S,
         backoff_factor: float = DEFAULT_BACKOFF_FACTOR,
         max_interval_s: float = DEFAULT_MAX_INTERVAL_S,
-        floor_factor: float = 1.3,
+        floor_factor: float = 1.1,
         kappa: float = 0.03,
         max_rel_sd: float = 0.5,
         min_progress: float = 10.0,
