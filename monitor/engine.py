@@ -42,6 +42,7 @@ from monitor.events import (
     Subscriber,
 )
 from monitor.ids import validate_execution_id
+from monitor.learning import LearningKeeper
 from monitor.logs import get_logger
 from monitor.metrics import Metrics
 from monitor.records import (
@@ -177,6 +178,10 @@ class Monitor:
             parts.client = client = self._new_client(self.config)
             parts.budget = budget = self._new_budget(self.config, parts)
             parts.scheduler = self._new_scheduler(self.config, clock, client, budget)
+            parts.learning = LearningKeeper(
+                store, parts.scheduler.policy, on_fault=gate.report, state_name=self._state_name()
+            )
+            parts.learning.load()
             self._resume(parts.scheduler, store.load_active())
             spawn = self._supervisor.spawn
             if isinstance(store, PgStore):
@@ -184,6 +189,7 @@ class Monitor:
             spawn(parts.scheduler.run(), "execmon-scheduler", forever=True)
             spawn(gate.run(), "execmon-store-gate", forever=True)
             spawn(self._flush_polls(), "execmon-poll-bookkeeping", forever=True)
+            spawn(parts.learning.run(), "execmon-learning", forever=True)
             spawn(self._prune_state(), "execmon-retention", forever=True)
             spawn(self._refresh_metrics(), "execmon-metrics", forever=True)
         except BaseException:
@@ -212,6 +218,9 @@ class Monitor:
             if self.failure is None:
                 self._supervisor.winding_down()  # the scheduler's task ends with its stop: expected
                 await parts.require_scheduler().stop(grace_s / 2)
+                if parts.learning is not None:
+                    with contextlib.suppress(StoreFault):  # the last periodic save stands
+                        parts.learning.save()
                 self._release_leases(parts.store)
                 await parts.delivery.drain(timeout=max(0.0, deadline - loop.time()))
         finally:
@@ -747,6 +756,7 @@ class _Parts:
     client: ExecutionsClient | None = None
     budget: Budget | None = None
     scheduler: Scheduler | None = None
+    learning: LearningKeeper | None = None
 
     def require_scheduler(self) -> Scheduler:
         assert self.scheduler is not None, "the scheduler is built in __aenter__"

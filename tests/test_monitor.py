@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from monitor.ids import InvalidExecutionId
 from monitor.rates import RateLimit
 from monitor.simulator.server import Simulator, SimulatorSettings, simulator_of, start_simulator
 from monitor.sinks.lane import Lane
+from monitor.state.store import Store
 
 KEY = "sk_test_monitor"
 RATE = "30/3s"
@@ -309,3 +311,33 @@ async def test_a_sink_object_keeps_its_concurrency_and_hold_time(sim: tuple[Simu
     assert handle.name == "_HoldingSink#1"
     assert handle.concurrency == 3
     assert handle.config.timeout_s == 10.0 + 5.0  # the default timeout plus the time it may hold a record
+
+
+def _runs_learned(mon: Monitor) -> dict[str | None, int]:
+    learned = mon.scheduler.policy.export_learning()
+    assert learned is not None
+    runs = learned["runs"]
+    assert isinstance(runs, list)
+    return {item["kind"]: item["n"] for item in runs}
+
+
+async def test_a_restarted_monitor_starts_with_the_run_times_it_learned(
+    sim: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    simulator, url = sim
+    state = tmp_path / "state.db"
+    ids = simulator.create(count=5, duration_s=1.0, outcome="completed")
+    async with monitor_for(url, state=state) as mon:
+        await mon.track(ids, labels={"kind": "etl"})
+        await mon.wait(ids, timeout=30)
+        assert _runs_learned(mon) == {"etl": 5}
+    async with monitor_for(url, state=state) as again:
+        assert _runs_learned(again) == {"etl": 5}  # before any new run ended
+        more = simulator.create(count=2, duration_s=1.0, outcome="completed")
+        await again.track(more, labels={"kind": "etl"})
+        await again.wait(more, timeout=30)
+        assert _runs_learned(again) == {"etl": 7}
+    with Store.open(state) as store:
+        saved = store.load_learning()
+    assert saved is not None
+    assert {item["kind"]: item["n"] for item in json.loads(saved)["runs"]} == {"etl": 7}

@@ -513,3 +513,12 @@ def test_a_closed_pool_is_a_store_fault(pg_url: str) -> None:
     with pytest.raises(StoreFault):
         store.claim_cycle()
     store.close()  # best effort: a warning, no error
+
+
+def test_learned_run_times_are_one_row_another_replica_reads(store: PgStore, pg_url: str) -> None:
+    assert store.load_learning() is None
+    store.save_learning('{"runs":[]}')
+    store.save_learning('{"runs":[{"kind":"etl","n":3}]}')
+    with PgStore.open(pg_url) as other:
+        assert other.load_learning() == '{"runs":[{"kind":"etl","n":3}]}'
+    assert sql(pg_url, "SELECT count(*) FROM meta WHERE key = 'policy_learning'") == [(1,)]

@@ -391,3 +391,13 @@ def test_a_migrated_file_has_the_schema_of_a_new_one(tmp_path: Path) -> None:
     Store.open(new).close()
     assert _shape(old) == _shape(new)
     assert "outbox_by_execution" in _shape(new)
+
+
+def test_learned_run_times_outlive_the_process(tmp_path: Path) -> None:
+    path = tmp_path / "learning.db"
+    with Store.open(path) as first:
+        assert first.load_learning() is None
+        first.save_learning('{"runs":[]}')
+        first.save_learning('{"runs":[{"kind":"etl","n":3}]}')
+    with Store.open(path) as second:
+        assert second.load_learning() == '{"runs":[{"kind":"etl","n":3}]}'

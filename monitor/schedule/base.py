@@ -112,6 +112,13 @@ class Policy(ABC):
         self._on_running(state, now)
         self._enqueue(state)
 
+    def export_learning(self) -> dict[str, object] | None:
+        """What it learned that should outlive the process (JSON-able), or None when nothing."""
+        return None
+
+    def import_learning(self, data: object) -> None:  # noqa: B027  # optional hook
+        """Start from what `export_learning` gave an earlier process (malformed parts ignored)."""
+
     def finished(  # noqa: B027  # optional hook
         self, state: ExecState, ended_at: float, outcome: Outcome, run_s: float | None = None
     ) -> None:

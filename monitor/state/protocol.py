@@ -93,6 +93,14 @@ class StateStore(Protocol):
         """Forget one batch (one short transaction) of ended executions and delivered outbox rows older
         than `retention_s`; never pending rows or dead letters. Returns rows deleted: call again while > 0."""
 
+    # -- what the policy learned ----------------------------------------------------------------
+
+    def load_learning(self) -> str | None:
+        """The policy's learned run times (JSON text) as last saved, or None."""
+
+    def save_learning(self, text: str) -> None:
+        """Replace them (one small row, so a restart or tomorrow's batch starts informed)."""
+
     # -- budget history -----------------------------------------------------------------------
 
     def record_request(self, stamp: float) -> int:

@@ -132,6 +132,20 @@ class PgStore(PgOutboxQueries):
                 (repr(time.time()),),
             )
 
+    def load_learning(self) -> str | None:
+        """The policy's learned run times (JSON text) as last saved, or None."""
+        rows = self._db.read("SELECT value FROM meta WHERE key = 'policy_learning'")
+        return str(rows[0]["value"]) if rows else None
+
+    def save_learning(self, text: str) -> None:
+        """Replace the policy's learned run times (one row of `meta`)."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO meta (key, value) VALUES ('policy_learning', %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (text,),
+            )
+
     def set_group_sinks(self, names: Sequence[str]) -> None:
         """The sinks that receive group digests (the delivery engine sets this from the sinks' `events`)."""
         self._group_sinks = tuple(names)
