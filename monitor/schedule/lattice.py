@@ -35,26 +35,35 @@ def step_time(stamps: Sequence[float], tau0: float, rel_sd: float, tol: float = 
     points = sorted(set(stamps))
     if len(points) < MIN_STAMPS or tau0 <= 0 or not 0 <= rel_sd <= MAX_REL_SD:
         return None
-    taus = _grids(points, tau0, rel_sd, tol)
+    taus = _grids(points, tau0, rel_sd, tol, allowed_off=0)
     if not taus and len(points) > MIN_STAMPS:
-        for skip in range(len(points)):
-            for tau in _grids(points[:skip] + points[skip + 1 :], tau0, rel_sd, tol):
+        # One stamp off: an inner one (the grid of the first and last), or the first, or the last.
+        for subset, off in ((points, 1), (points[1:], 0), (points[:-1], 0)):
+            for tau in _grids(subset, tau0, rel_sd, tol, allowed_off=off):
                 if all(abs(tau - other) * len(points) > tol for other in taus):
                     taus.append(tau)
     return taus[0] if len(taus) == 1 else None
 
 
-def _grids(points: list[float], tau0: float, rel_sd: float, tol: float) -> list[float]:
-    """Every tau near tau0 on whose grid all the (sorted, distinct) points lie."""
+def _grids(points: list[float], tau0: float, rel_sd: float, tol: float, *, allowed_off: int) -> list[float]:
+    """Every tau near tau0 on whose grid (through the first and last of the sorted, distinct points)
+    all the points lie but at most `allowed_off` inner ones."""
     first, span = points[0], points[-1] - points[0]
     k_low = max(math.ceil(span / (tau0 * (1.0 + 3.0 * rel_sd))), 1)
     k_high = math.floor(span / (tau0 * max(1.0 - 3.0 * rel_sd, 1e-9)))
     if k_high < k_low or k_high - k_low >= MAX_CANDIDATES or tol * k_high > 0.05 * span:
         return []  # too vague, or steps too short for the stamps' resolution
     found = []
+    inner = points[1:-1]
     for k in range(k_low, k_high + 1):
         tau = span / k
-        if all(_on_grid(u - first, tau, tol) for u in points[1:-1]):
+        off = 0
+        for u in inner:
+            if not _on_grid(u - first, tau, tol):
+                off += 1
+                if off > allowed_off:
+                    break
+        if off <= allowed_off:
             found.append(tau)
     return found
 
