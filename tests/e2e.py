@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -472,12 +473,27 @@ def wait_for_lines(path: Path, count: int, timeout_s: float) -> bool:
 CONTROL_TOKEN = "e2e-control-token-7731"
 
 
+_PORTS_FROM, _PORTS_PER_WORKER = 20000, 1500  # below Linux's ephemeral range (32768-60999)
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (the daemon binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port free on loopback right now (the daemon binds it a moment later).
+
+    Not one the kernel hands out for port 0: between this check and the daemon's bind, any client
+    connection of a parallel test could take an ephemeral port. Each pytest-xdist worker draws from
+    a range of its own, below the ephemeral ones, so two workers never race for one either."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = _PORTS_FROM + (int(worker) % 8 if worker.isdigit() else 0) * _PORTS_PER_WORKER
+    rng = random.Random()
+    for _ in range(200):
+        port = base + rng.randrange(_PORTS_PER_WORKER)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORTS_PER_WORKER}")
 
 
 def toml_value(value: object) -> str:

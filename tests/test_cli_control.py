@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from control_fakes import MemoryBackend, serve_in_thread
+from e2e import free_port
 from structlog.testing import capture_logs
 
 from monitor.cli import main
@@ -192,13 +192,6 @@ def test_rm_removes_and_reports_unknown(daemon: Daemonish, capsys: pytest.Captur
 
 
 # --- errors talking to the daemon -------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize("argv", [["add", "exec_1"], ["ls"], ["status", "exec_1"], ["rm", "exec_1"]])

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import requests
 from control_fakes import FakeEngine
+from e2e import free_port
 from structlog.testing import capture_logs
 
 from monitor.config import Config, ConfigError
@@ -24,13 +25,6 @@ from monitor.service.daemon import Daemon
 
 TESTS = Path(__file__).parent
 TOKEN = "daemon-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_config(path: Path, *, listen: str, token_file: Path | None = None, grace_s: float = 3.0) -> Path:
