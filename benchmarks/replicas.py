@@ -122,26 +122,17 @@ class Procs:
 
     children: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def start(self, args: Sequence[str], *, out: Path, err: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-        with out.open("a") as stdout, err.open("a") as stderr:
+    def start(
+        self, args: Sequence[str], *, err: Path, env: dict[str, str], out: Path | None = None
+    ) -> subprocess.Popen[str]:
+        """`python -m monitor ARGS`, stderr appended to `err`, stdout to `out` (None: a pipe)."""
+        with contextlib.ExitStack() as files:
+            stderr = files.enter_context(err.open("a"))
+            stdout = subprocess.PIPE if out is None else files.enter_context(out.open("a"))
             proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
                 [sys.executable, "-m", "monitor", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
-                stderr=stderr,
-                env=env,
-                text=True,
-                cwd=REPO,
-            )
-        self.children.append(proc)
-        return proc
-
-    def start_piped(self, args: Sequence[str], *, err: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-        with err.open("a") as stderr:
-            proc = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "monitor", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
                 stderr=stderr,
                 env=env,
                 text=True,
@@ -187,7 +178,7 @@ class Sim:
     @classmethod
     def start(cls, procs: Procs, tmp: Path, name: str) -> Sim:
         args = ["simulate", "--port", "0", "--api-key", API_KEY, "--rate-limit", RATE, "--log-level", "warning"]
-        proc = procs.start_piped(args, err=tmp / f"{name}-sim.err", env=clean_env({}))
+        proc = procs.start(args, err=tmp / f"{name}-sim.err", env=clean_env({}))
         assert proc.stdout is not None
         line = proc.stdout.readline()
         match = LISTENING.match(line)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_store import rec
 
 from monitor.errors import LeaseLost, StoreFault
 from monitor.records import Outcome, event_id
@@ -18,17 +19,6 @@ from monitor.state.pg.store import PgStore
 from monitor.state.rows import DeliveryState, TrackRequest
 
 SHORT_LEASE = 1.0  # seconds; the tests that let a lease lapse sleep just past it, once
-
-
-def rec(execution_id: str, outcome: Outcome = Outcome.COMPLETED, group: str | None = None) -> dict[str, Any]:
-    return {
-        "event_id": event_id(execution_id, outcome),
-        "kind": "execution",
-        "execution_id": execution_id,
-        "outcome": outcome.value,
-        "observed_at": "2025-11-11T10:01:00Z",
-        "group": group,
-    }
 
 
 def track(store: PgStore, *ids: str, group: str | None = None, batch: str | None = None) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from test_store import rec
 
 from monitor.errors import StoreFault, UsageError
 from monitor.records import Outcome, event_id, group_event_id
@@ -42,18 +43,6 @@ def sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[An
     with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(statement, params)
         return cur.fetchall() if cur.description else []
-
-
-def rec(execution_id: str, outcome: Outcome = Outcome.COMPLETED, group: str | None = None) -> dict[str, Any]:
-    return {
-        "event_id": event_id(execution_id, outcome),
-        "kind": "execution",
-        "execution_id": execution_id,
-        "outcome": outcome.value,
-        "finished_at": f"2025-11-11T10:00:{len(execution_id) % 60:02d}Z",
-        "observed_at": "2025-11-11T10:01:00Z",
-        "group": group,
-    }
 
 
 def track(store: PgStore, *ids: str, group: str | None = None, since: float = 1000.0) -> list[str]:
