@@ -314,9 +314,10 @@ def test_control_api_token_validation_cli_and_metrics(rig: Rig, sim: Sim) -> Non
         wait_all_delivered(rig, daemon, len(ids), 20)
         assert_delivered_once(sim, read_jsonl(rig.out), ids)
 
-        def moved() -> bool:  # the tracked and budget gauges are sampled every few seconds
+        def moved() -> bool:  # sampled every few seconds: a sample may predate the last end
             now = metric_families(daemon)
-            return value(now, "execmon_executions_tracked", state="completed") == len(completed)
+            ended = {state: value(now, "execmon_executions_tracked", state=state) for state in ("completed", "failed")}
+            return ended == {"completed": len(completed), "failed": len(failed)}
 
         assert wait_until(moved, 12, 0.5), metric_families(daemon)
         after = metric_families(daemon)

@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 # budget's 10 requests/s takes 10 s more, and more on a loaded machine. (At the default 30 s they
 # are claimed within 15 s: see benchmarks/replicas.py for the failover times.)
 LEASE_S = 15.0
-DURATIONS_S = (60.0, 90.0, 120.0)  # 100 executions each: still running through both faults
+DURATIONS_S = (60.0, 90.0, 120.0)  # 100 executions each: ending during the freeze and after it
 
 
 def _owners(url: str) -> dict[str, set[str]]:
@@ -89,6 +89,10 @@ def test_three_replicas_survive_a_kill_and_a_freeze(tmp_path: Path, pg_url: str)
             assert wait_until(lambda: all(len(_held_by(pg_url, r.pid)) >= 50 for r in replicas), 30, 0.5), {
                 k: len(v) for k, v in _owners(pg_url).items()
             }
+
+            # Every execution polled once (30 s of budget for 300) before the kill: while first polls
+            # still queue on every replica, the orphans wait behind them as any new ID would.
+            assert wait_until(lambda: all(row[0] > 0 for row in _polls(sim, set(ids)).values()), 60, 0.5)
 
             # SIGKILL b: what it held is polled again by the others within 30 s.
             orphans = _held_by(pg_url, b.pid)
