@@ -282,16 +282,22 @@ async def run_policy(
     error_rate: float = 0.0,
     max_in_flight: int = 4,
     recorder: Recorder | None = None,
+    whole_seconds: bool = False,
 ) -> PolicyResult:
     """One policy on a fresh simulator; call inside a VirtualTimeLoop (see `bench_policy`).
 
     `policy`: a name for `make_policy`, `"informed"` (see `InformedPolicy`), or a factory.
-    `recorder`: one of the caller's, to read the stall events from (benchmarks/stalls.py)."""
+    `recorder`: one of the caller's, to read the stall events from (benchmarks/stalls.py).
+    `whole_seconds`: the simulator sends timestamps in whole seconds (as the vendor's page shows)."""
     wall_start = time.perf_counter()
     loop = asyncio.get_running_loop()
     plan = scenario.plan()
     settings = SimulatorSettings(
-        api_keys=[BENCH_KEY], rate_limit=scenario.rate_limit, seed=scenario.seed, error_rate=error_rate
+        api_keys=[BENCH_KEY],
+        rate_limit=scenario.rate_limit,
+        seed=scenario.seed,
+        error_rate=error_rate,
+        whole_seconds=whole_seconds,
     )
     runner, url = await start_simulator(settings, "127.0.0.1", 0)
     simulator = simulator_of(runner)
@@ -422,14 +428,18 @@ async def _wait_idle_until(loop: asyncio.AbstractEventLoop, scheduler: Scheduler
         await asyncio.wait_for(scheduler.wait_idle(), timeout=max(horizon - loop.time(), 0.0))
 
 
-def bench_policy(scenario: Scenario, policy: str, *, error_rate: float = 0.0) -> PolicyResult:
+def bench_policy(
+    scenario: Scenario, policy: str, *, error_rate: float = 0.0, whole_seconds: bool = False
+) -> PolicyResult:
     """Run one policy to the end on a fresh virtual-time loop (blocking)."""
-    return vtime.run(run_policy(scenario, policy, error_rate=error_rate))
+    return vtime.run(run_policy(scenario, policy, error_rate=error_rate, whole_seconds=whole_seconds))
 
 
-def bench(scenario: Scenario, policies: Sequence[str] = DEFAULT_POLICIES) -> dict[str, PolicyResult]:
+def bench(
+    scenario: Scenario, policies: Sequence[str] = DEFAULT_POLICIES, *, whole_seconds: bool = False
+) -> dict[str, PolicyResult]:
     """Every requested policy, then the two reference rows: informed and oracle."""
-    results = {name: bench_policy(scenario, name) for name in policies}
-    results[INFORMED] = bench_policy(scenario, INFORMED)
+    results = {name: bench_policy(scenario, name, whole_seconds=whole_seconds) for name in policies}
+    results[INFORMED] = bench_policy(scenario, INFORMED, whole_seconds=whole_seconds)
     results[ORACLE] = oracle(scenario.plan(), scenario.rate_limit)
     return results

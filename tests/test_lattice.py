@@ -12,7 +12,7 @@ import random
 import pytest
 
 from monitor.schedule.adaptive import AdaptivePolicy, _estimate
-from monitor.schedule.lattice import step_time
+from monitor.schedule.lattice import WHOLE_SECOND_S, step_bounds, step_time
 from monitor.schedule.state import ExecState
 from monitor.simulator.progress import SimExecution
 from monitor.simulator.scenario import PlannedOutcome, ProgressModel
@@ -93,14 +93,46 @@ def test_too_few_stamps_or_too_vague_a_guess_give_no_grid() -> None:
     assert step_time([10.0, 40.0, 70.0, 130.0], 10.0, 0.01) == pytest.approx(10.0)
 
 
-def _answer(policy: AdaptivePolicy, state: ExecState, run: SimExecution, at: float) -> None:
+def test_whole_second_stamps_give_the_step_to_about_a_second_over_the_steps_between_them() -> None:
+    """A server that cuts updated_at to the second: the search with a second's tolerance finds the
+    step count, and the bounds put tau within 1 s / (steps spanned) of the truth."""
+    rng = random.Random(5)
+    found = 0
+    for _ in range(100):
+        run_s = rng.uniform(1200.0, 7200.0)
+        run = _run("linear", run_s, seed=rng.randrange(1000))
+        polls = sorted(rng.uniform(0.05, 0.9) * run_s for _ in range(5))
+        stamps = [float(math.floor(t)) for t in _stamps(run, polls)]
+        guess = run_s / 100.0 * rng.uniform(0.97, 1.03)
+        tau = step_time(stamps, guess, 0.02, WHOLE_SECOND_S)
+        if tau is None:
+            continue
+        found += 1
+        low, high = step_bounds(stamps, tau, WHOLE_SECOND_S)
+        spanned = round((max(stamps) - min(stamps)) / tau)
+        assert low - 1e-9 <= run_s / 100.0 <= high + 1e-9
+        assert high - low <= 4.0 / spanned  # 2 s over the steps spanned, a few less if an end is off the grid
+    assert found >= 80  # the rest: two polls within one step, or an ambiguous step count
+
+
+def test_whole_second_stamps_with_short_steps_give_no_grid() -> None:
+    """Steps of 3 s against a tolerance of 1 s: many grids would fit by chance."""
+    stamps = [float(math.floor(100.0 + k * 3.0)) for k in (0, 7, 19, 30)]
+    assert step_time(stamps, 3.0, 0.02, WHOLE_SECOND_S) is None
+
+
+def _answer(
+    policy: AdaptivePolicy, state: ExecState, run: SimExecution, at: float, *, whole_seconds: bool = False
+) -> None:
     """What the scheduler does with a running answer at loop time `at`: a sample stamped with
-    updated_at (in milliseconds), then the policy's update."""
+    updated_at (in milliseconds, or cut to the second), then the policy's update."""
     state.ver += 1  # taken out of the queue, as `choose` does
     state.polls += 1
     state.last_poll = at
     state.progress = run.reported_progress(at)
-    state.add_sample(min(_ms(run.last_change(at)), at), state.progress)
+    stamp = math.floor(run.last_change(at)) if whole_seconds else _ms(run.last_change(at))
+    state.stamp_tol = WHOLE_SECOND_S if whole_seconds else 0.004
+    state.add_sample(min(stamp, at), state.progress)
     policy.polled(state, at)
 
 
@@ -124,6 +156,32 @@ def test_a_run_tracked_from_its_start_is_polled_right_after_its_end() -> None:
         _answer(policy, state, run, 1000.0 + f * 2400.0 + 0.4)
     assert state.eta == pytest.approx(run.end_at, abs=1.0)
     assert state.due == pytest.approx(run.end_at, abs=5.0)
+
+
+@pytest.mark.parametrize("tracked_late", [False, True])
+def test_whole_second_stamps_put_the_end_within_seconds(tracked_late: bool) -> None:
+    """Stamps cut to the second, five answers over the first half of a 3,000 s run: the end within
+    a few seconds from its start (or the readings', handed over at 20 %), the sd saying how sure."""
+    policy = AdaptivePolicy()
+    policy.bind_rate(lambda: 0.5)
+    errors, sds = [], []
+    for seed in range(20):
+        run_s = 2900.0 + 13.37 * seed  # steps of 29-31.5 s: the changes fall anywhere in a second
+        run = _run("linear", run_s, seed=seed)
+        state = _tracked(policy, run, 1000.0 + (0.2 * run_s if tracked_late else 0.0))
+        for f in (0.22, 0.3, 0.37, 0.45, 0.52):
+            _answer(policy, state, run, 1000.0 + f * run_s + 0.6, whole_seconds=True)
+        errors.append(state.eta - run.end_at)
+        eta = _estimate(state)
+        assert eta is not None
+        sds.append(eta.sd)
+    median_error = sorted(abs(e) for e in errors)[len(errors) // 2]
+    if tracked_late:  # the readings' noise: within two steps of 30 s, as with milliseconds
+        assert median_error < 60.0
+    else:
+        assert median_error < 4.0
+        assert max(abs(e) for e in errors) < 12.0
+        assert all(sd < 6.0 for sd in sds)
 
 
 def test_a_run_handed_over_late_gets_the_steps_slope_and_the_readings_height() -> None:

@@ -19,6 +19,7 @@ from monitor.ids import InvalidExecutionId
 from monitor.rates import RateLimit
 from monitor.records import Outcome, TerminalEvent
 from monitor.schedule.budget import Budget
+from monitor.schedule.lattice import STAMP_TOL_S, WHOLE_SECOND_S
 from monitor.schedule.policy import make_policy
 from monitor.schedule.scheduler import NullListener, Scheduler
 from monitor.secrets import Secret
@@ -155,6 +156,28 @@ def test_terminal_status_becomes_an_event_and_the_id_is_forgotten() -> None:
     assert event.status is not None
     assert event.status.result == "ok"
     assert [status for _, status, _ in recorder.polls] == ["running"] * 3 + ["completed"]
+
+
+def test_stamps_in_whole_seconds_are_noticed_per_execution() -> None:
+    """A run whose updated_at never has a fraction gets a second's tolerance on its grid; one
+    fractional stamp says milliseconds for good (a whole one among them is chance)."""
+    stamps = {
+        "exec_whole": ["2025-01-01T00:00:05Z", "2025-01-01T00:00:17Z"],
+        "exec_ms": ["2025-01-01T00:00:05Z", "2025-01-01T00:00:17.250Z", "2025-01-01T00:00:31Z"],
+    }
+
+    def answer(execution_id: str, n: int) -> dict[str, Any]:
+        return {**running(10 * n), "updated_at": stamps[execution_id][min(n, len(stamps[execution_id])) - 1]}
+
+    async def body(scheduler: Scheduler, _: Recorder, __: Budget) -> None:
+        for execution_id in stamps:
+            scheduler.track(execution_id)
+        await asyncio.sleep(600)
+        tolerances = {i: scheduler._states[i].stamp_tol for i in stamps}
+        assert tolerances == {"exec_whole": WHOLE_SECOND_S, "exec_ms": STAMP_TOL_S}
+        assert all(scheduler._states[i].polls >= 3 for i in stamps)
+
+    scenario(FakeSource(answer), body, policy="adaptive")
 
 
 def test_invalid_ids_are_refused_before_any_request() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from monitor.clock import parse_iso
 from monitor.rates import RateLimit
 from monitor.simulator.scenario import PlannedExecution, ProgressModel, parse_scenario
 from monitor.simulator.server import Simulator, SimulatorSettings, simulator_of, start_simulator
@@ -103,6 +105,25 @@ async def test_the_four_status_shapes(start: Start, http: aiohttp.ClientSession)
         assert body["metadata"]["execution_time"] == pytest.approx(0.2)
     assert cancelled["status"] == "cancelled"
     assert ISO_Z.match(cancelled["cancelled_at"])
+
+
+async def test_whole_seconds_cut_every_timestamp_to_the_second_below(start: Start, http: aiohttp.ClientSession) -> None:
+    """As the vendor's page shows them: `2025-11-11T10:30:15Z`, the second the change happened in."""
+    sim, url = await start(rate_limit=None, whole_seconds=True)
+    sim.create(ids=["exec_run"], duration_s=0.8)  # a step every 8 ms: updated_at moves between answers
+    sim.create(ids=["exec_end"], duration_s=0.05)
+    await asyncio.sleep(0.1)
+    stamps = []
+    for _ in range(3):
+        running = json.loads((await status(http, url, "exec_run"))[2])
+        stamps.append(running["updated_at"])
+        await asyncio.sleep(0.03)
+    done = json.loads((await status(http, url, "exec_end"))[2])
+    for stamp in (*stamps, done["completed_at"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp), stamp
+    ended = next(t.ended_at for t in sim.truth() if t.execution_id == "exec_end")
+    assert ended is not None
+    assert parse_iso(done["completed_at"]) == math.floor(sim.clock.wall(ended))
 
 
 async def test_error_bodies_are_the_vendor_page_byte_for_byte(start: Start, http: aiohttp.ClientSession) -> None:

@@ -113,6 +113,15 @@ def test_keys_from_the_environment_and_initial_executions(simulate: Any) -> None
     assert "sk_two_key" not in stderr
 
 
+def test_whole_seconds_flag(simulate: Any) -> None:
+    sim = simulate("--executions", "1", "--whole-seconds")
+    _, truth = sim.get("/_sim/executions")
+    code, body = sim.get(f"/api/v1/executions/{truth['executions'][0]['execution_id']}/status", "sk_test_local")
+    assert code == 200, body
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["updated_at"]), body
+    sim.stop()
+
+
 def test_api_key_flags_win_over_the_environment(simulate: Any) -> None:
     sim = simulate("--api-key", "sk_flag_one", "--api-key", "sk_flag_two", env={"EXECMON_SIM_API_KEYS": "sk_env"})
     assert sim.get("/api/v1/executions/exec_x/status", "sk_flag_two")[0] == 404

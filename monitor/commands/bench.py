@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="policy to run (repeatable; default: backoff and adaptive)",
     )
     parser.add_argument("--seed", type=int, metavar="N", help="replace the scenario file's seed")
+    parser.add_argument(
+        "--whole-seconds",
+        action="store_true",
+        help="the simulator sends timestamps in whole seconds, as the vendor's page shows them",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -55,18 +60,20 @@ def run(args: argparse.Namespace) -> int:
     policies = tuple(dict.fromkeys(args.policy or DEFAULT_POLICIES))
     if not policies:
         raise UsageError("give at least one --policy")
-    results = bench(scenario, policies)
+    results = bench(scenario, policies, whole_seconds=args.whole_seconds)
     if args.json:
         payload = {
             "scenario": scenario.name,
             "seed": scenario.seed,
+            "timestamps": "whole seconds" if args.whole_seconds else "milliseconds",
             "delay": DELAY_MEASURED,
             "policies": {k: _json_row(v) for k, v in results.items()},
             "ratios": ratios(results),
         }
         print(json.dumps(payload))
     else:
-        print_table(scenario.name, results, sys.stdout)
+        name = f"{scenario.name} (timestamps in whole seconds)" if args.whole_seconds else scenario.name
+        print_table(name, results, sys.stdout)
     return 0
 
 

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--malformed-rate", type=float, default=0.0, metavar="F", help="fraction with a bad body")
     parser.add_argument("--drop-rate", type=float, default=0.0, metavar="F", help="fraction dropped unanswered")
     parser.add_argument("--latency-ms", type=float, default=0.0, metavar="MS", help="delay before every answer")
+    parser.add_argument(
+        "--whole-seconds",
+        action="store_true",
+        help="send timestamps in whole seconds, as the vendor's page shows them (default: milliseconds)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
 
 
@@ -81,6 +86,7 @@ def settings_from_args(args: argparse.Namespace, scenario: Scenario | None) -> S
         malformed_rate=args.malformed_rate,
         drop_rate=args.drop_rate,
         latency_ms=args.latency_ms,
+        whole_seconds=args.whole_seconds,
     )
     try:
         settings.validate()

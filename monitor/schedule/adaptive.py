@@ -44,7 +44,7 @@ from monitor.schedule.estimate import (
     gaussian_crossing,
     straighten,
 )
-from monitor.schedule.lattice import STAMP_TOL_S, step_time
+from monitor.schedule.lattice import STAMP_TOL_S, WHOLE_SECOND_S, step_bounds, step_time
 from monitor.schedule.state import ExecState, LazyHeap
 
 _FLOOR_ITERATIONS = 8
@@ -381,7 +381,8 @@ def _estimate(state: ExecState, prior: tuple[float, float] | None = None, shape:
     # The grid's end is only as good as its start: the latest moment known to be before it (a 0 %
     # reading's stamp may be a step after the start, and a late start predicts a late end).
     start = max(state.tracked_since, state.zero_at)
-    return _on_grid(pairs, eta, start if anchored else None, state.last_poll - every[-1][0]) or eta
+    tol = state.stamp_tol or STAMP_TOL_S
+    return _on_grid(pairs, eta, start if anchored else None, state.last_poll - every[-1][0], tol) or eta
 
 
 def _line(
@@ -412,7 +413,9 @@ def _line(
     return eta, True
 
 
-def _on_grid(pairs: list[tuple[float, float]], eta: Eta, low: float | None, unchanged_s: float) -> Eta | None:
+def _on_grid(
+    pairs: list[tuple[float, float]], eta: Eta, low: float | None, unchanged_s: float, tol: float = STAMP_TOL_S
+) -> Eta | None:
     """The end from the step time of its `updated_at` grid, or None when the stamps have none.
 
     `low`: a moment the run had not started before (its handover, or its last poll at 0 %), when
@@ -422,28 +425,40 @@ def _on_grid(pairs: list[tuple[float, float]], eta: Eta, low: float | None, unch
     truncates), on purpose: an early poll costs one poll, a late one costs the whole lateness
     (on late-handover seeds 1000-1004 the unbiased u - (p - 0.5) tau gave 0.29 against 0.25).
     The end is start + 100 tau: from `low` (sd 1 s) unless the readings put the start well
-    after it (a wait in a queue)."""
+    after it (a wait in a queue).
+
+    `tol`: how far a difference of two stamps may be from the true one (STAMP_TOL_S for
+    milliseconds; WHOLE_SECOND_S when the server cuts them to the second, which also leaves tau
+    known only to a range: its width widens the end's sd, and the stamps are half a second early
+    on average)."""
     stamps = [t for t, _ in pairs]
     base = stamps[0] if low is None else low
     rel_sd = max(eta.sd / max(eta.at - base, 1.0), MIN_REL_SD)
-    tau = step_time(stamps, 1.0 / eta.slope, rel_sd)
+    tau = step_time(stamps, 1.0 / eta.slope, rel_sd, tol)
     if tau is None and low is not None:
         free = free_slope(pairs)  # the anchor may be far from the start (a queue): a slope without it
         if free is not None:
-            tau = step_time(stamps, 1.0 / free[0], max(free[1] / free[0], MIN_REL_SD))
-    if tau is None or unchanged_s > 2.0 * tau + STAMP_TOL_S:
+            tau = step_time(stamps, 1.0 / free[0], max(free[1] / free[0], MIN_REL_SD), tol)
+    if tau is None or unchanged_s > 2.0 * tau + tol:
         return None  # no grid, or it stood still for longer than its steps: not a steady pace
-    starts = [t - p * tau for t, p in pairs]
+    end_sd = _MIN_SD
+    cut = 0.0  # how early a stamp is on average
+    if tol >= WHOLE_SECOND_S:
+        tau_low, tau_high = step_bounds(stamps, tau, tol)
+        tau = (tau_low + tau_high) / 2.0
+        end_sd = max(end_sd, 100.0 * (tau_high - tau_low) / math.sqrt(12.0))  # uniform over the range
+        cut = tol / 2.0
+    starts = [t + cut - p * tau for t, p in pairs]
     n = len(starts)
     start = sum(starts) / n
     spread = sum((x - start) ** 2 for x in starts) / tau**2
     noise = math.sqrt((spread + PRIOR_NOISE_WEIGHT * PRIOR_NOISE**2) / (n - 1 + PRIOR_NOISE_WEIGHT))
-    sd = max(tau * max(noise, MIN_NOISE) / math.sqrt(n), _MIN_SD)
+    sd = max(tau * max(noise, MIN_NOISE) / math.sqrt(n), end_sd)
     if low is not None:
         if start < low - 3.0 * sd - 3.0 * PRIOR_NOISE * tau:
             return None  # far ahead of a run started at `low`: the grid is too coarse a guess
         if start <= low + 3.0 * sd:
-            return Eta(at=low + 100.0 * tau, sd=_MIN_SD, slope=1.0 / tau)
+            return Eta(at=low + 100.0 * tau, sd=end_sd, slope=1.0 / tau)
     return Eta(at=start + 100.0 * tau, sd=sd, slope=1.0 / tau)
 
 

@@ -40,6 +40,7 @@ from monitor.ids import validate_execution_id
 from monitor.logs import get_logger
 from monitor.records import Outcome, StallEvent, TerminalEvent
 from monitor.schedule.budget import Budget, Ticket
+from monitor.schedule.lattice import STAMP_TOL_S, WHOLE_SECOND_S
 from monitor.schedule.persist import export_state, restore_state
 from monitor.schedule.policy import Policy
 from monitor.schedule.stalls import KIND_LABEL, StallDetector
@@ -448,6 +449,10 @@ class Scheduler:
         stamp = parse_iso(status.updated_at) if status.updated_at else None
         if stamp is None:
             return now
+        if stamp != math.floor(stamp):
+            state.stamp_tol = STAMP_TOL_S
+        elif not state.stamp_tol:  # whole seconds, as long as no stamp of this run says otherwise
+            state.stamp_tol = WHOLE_SECOND_S
         at = min(self._clock.to_loop(stamp), now)
         samples = state.samples
         if samples:

@@ -11,11 +11,12 @@ progress (noise aside: the noise is the reading's, not the job's) or the current
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.clock import Clock
+from monitor.clock import Clock, iso_utc
 from monitor.simulator.scenario import PlannedOutcome, ProgressKind, ProgressModel, Stall
 
 RUNNING = "running"
@@ -183,8 +184,14 @@ class SimExecution:
         """`metadata.execution_time`: seconds from the start of the run (after the queue) to its end."""
         return round(self.end_at - self.started_at, 3)
 
-    def body(self, now: float, clock: Clock) -> dict[str, Any]:
-        """The vendor's 200 body for this execution at loop time `now`."""
+    def body(self, now: float, clock: Clock, *, whole_seconds: bool = False) -> dict[str, Any]:
+        """The vendor's 200 body for this execution at loop time `now`; timestamps in milliseconds,
+        or cut to `whole_seconds` as the vendor's page shows them."""
+
+        def iso(at: float) -> str:
+            wall = clock.wall(at)
+            return iso_utc(math.floor(wall) if whole_seconds else wall)
+
         status = self.status(now)
         if status == RUNNING:
             return {
@@ -192,7 +199,7 @@ class SimExecution:
                 "status": RUNNING,
                 "progress": self.reported_progress(now),
                 "current_step": self.current_step(now),
-                "updated_at": clock.iso(self.last_change(now)),
+                "updated_at": iso(self.last_change(now)),
             }
         if status == PlannedOutcome.COMPLETED:
             return {
@@ -201,7 +208,7 @@ class SimExecution:
                 "progress": 100,
                 "result": f"Task completed successfully with detailed results for {self.execution_id}",
                 "metadata": {"execution_time": self.execution_time(), "tokens_used": self.tokens_used},
-                "completed_at": clock.iso(self.end_at),
+                "completed_at": iso(self.end_at),
             }
         if status == PlannedOutcome.FAILED:
             return {
@@ -213,14 +220,14 @@ class SimExecution:
                     "details": f"Simulated failure after {self.execution_time():.1f} s",
                 },
                 "metadata": {"execution_time": self.execution_time()},
-                "failed_at": clock.iso(self.end_at),
+                "failed_at": iso(self.end_at),
             }
         return {
             "execution_id": self.execution_id,
             "status": "cancelled",
             "progress": self.final_progress(),
             "metadata": {"execution_time": self.execution_time()},
-            "cancelled_at": clock.iso(self.end_at),
+            "cancelled_at": iso(self.end_at),
         }
 
 

@@ -70,6 +70,7 @@ class SimulatorSettings:
     malformed_rate: float = 0.0
     drop_rate: float = 0.0
     latency_ms: float = 0.0
+    whole_seconds: bool = False  # timestamps as the vendor's page shows them (else milliseconds)
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for values the simulator cannot use."""
@@ -298,7 +299,7 @@ class Simulator:
         if execution is None:
             status, body = 404, NOT_FOUND_BODY
         else:
-            status, body = 200, _vendor_json(execution.body(now, self.clock))
+            status, body = 200, _vendor_json(execution.body(now, self.clock, whole_seconds=self.settings.whole_seconds))
         if fault is Fault.MALFORMED:
             self._responses["malformed"] += 1
             return self._faults.malformed_response(body)
