@@ -1,10 +1,11 @@
 """The README's policy tables: `execmon bench --json` over several seeds for every public scenario.
 
-    .venv/bin/python benchmarks/seeds_table.py [--seeds 1-5] [--jobs 2] [--raw FILE] [SCENARIO.toml ...]
+    .venv/bin/python benchmarks/seeds_table.py [--seeds 1-5] [--jobs 2] [--whole-seconds] [--raw FILE] [FILE ...]
 
 Without scenario files: benchmarks/scenarios/public/*.toml and benchmarks/scenarios/public/beyond-linear/*.toml.
 Each (scenario, seed) is one `python -m monitor bench --scenario FILE --seed N --json` (backoff, adaptive, and
-the informed and oracle rows), `--jobs` of them at a time. Prints markdown on stdout:
+the informed and oracle rows), `--jobs` of them at a time; `--whole-seconds` passes that flag on (the
+simulator sends timestamps cut to the second, as the vendor's page shows them). Prints markdown on stdout:
 1. detection delay (s, end in the simulator -> record confirmed by the sink): mean, p99 and max of each
    row, each the mean over the seeds of that seed's figure;
 2. the ratios adaptive/backoff and adaptive/informed: the mean over the seeds of each seed's ratio (as
@@ -45,9 +46,10 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def bench_one(path: Path, seed: int) -> tuple[Run | None, str]:
+def bench_one(path: Path, seed: int, extra: Sequence[str] = ()) -> tuple[Run | None, str]:
     """One seed of one scenario: (the JSON, "") or (None, why); why starts with "skipped" on exit 2."""
     command = [sys.executable, "-m", "monitor", "bench", "--scenario", str(path), "--seed", str(seed), "--json"]
+    command += extra
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WALL_S, check=False)  # noqa: S603
     except subprocess.TimeoutExpired:
@@ -140,14 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", type=Path, help="scenario files (default: both public folders)")
     parser.add_argument("--seeds", default="1-5", type=parse_seeds, help="e.g. 1-5 or 1000-1004 or 1,3 (default 1-5)")
     parser.add_argument("--jobs", default=2, type=int, help="benches at a time (default 2)")
+    parser.add_argument("--whole-seconds", action="store_true", help="timestamps cut to the second (bench flag)")
     parser.add_argument("--raw", type=Path, metavar="FILE", help="also write every run's JSON to FILE")
     args = parser.parse_args(argv)
+    extra = ["--whole-seconds"] if args.whole_seconds else []
     paths = args.scenarios or [p for pattern in DEFAULT_GLOBS for p in sorted(ROOT.glob(pattern))]
     seeds: list[int] = args.seeds
     started = time.monotonic()
     jobs = [(path, seed) for path in paths for seed in seeds]
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        outputs = list(pool.map(lambda job: bench_one(*job), jobs))
+        outputs = list(pool.map(lambda job: bench_one(job[0], job[1], extra), jobs))
     results: dict[str, list[Run]] = {}
     skipped: dict[str, str] = {}
     failed: list[str] = []
