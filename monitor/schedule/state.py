@@ -76,7 +76,7 @@ class ExecState:
         self.raw_status: str | None = None
         self.samples: array[float] | None = None  # flat (t, progress) pairs, oldest first
         self.same = 1  # readings averaged into the last sample (answers with one updated_at)
-        self.stamp_tol = 0.0  # how far apart two updated_at may be from the true change times; 0: unknown
+        self.stamp_tol = 0.0  # how far a difference of two updated_at may be from the true one; 0: no stamp yet
         self.in_flight = False
         self.live = True  # False once terminal or untracked
         self.ver = 0  # bumped whenever its heap entries go stale
