@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 
 from monitor.records import Outcome
 from monitor.schedule.adaptive import AdaptivePolicy
+from monitor.schedule.durations import EDGES, AgeTable
 from monitor.schedule.estimate import (
     Shapes,
     anchor_is_plausible,
@@ -353,6 +355,24 @@ def test_adaptive_learns_run_times_by_kind_and_exports_them() -> None:
     table = fresh.durations.tables["report"]
     assert table.events == 30
     assert table.weight(650.0) > 3 * table.weight(50.0)
+
+
+def test_a_bins_hazard_pools_its_neighbours_but_not_far_ages() -> None:
+    """Two ends at about 1,000 s among 40 runs watched to 2,000 s: the bins beside that age share its
+    hazard (the ends could as well have come a little earlier or later); two bins away and below,
+    ages seen without an end stay near zero."""
+    table = AgeTable()
+    for _ in range(40):
+        table.expose(0.0, 2000.0)
+    table.end(1000.0)
+    table.end(1010.0)
+    overall = table.rate()
+    at = bisect.bisect_right(EDGES, 1000.0) - 1
+    here = table.hazard(at, overall)
+    assert 0.5 * here < table.hazard(at + 1, overall) <= 1.5 * here
+    assert 0.5 * here < table.hazard(at - 1, overall) <= 1.5 * here
+    assert table.hazard(at + 2, overall) < 0.2 * here
+    assert table.hazard(at - 8, overall) < 0.2 * here
 
 
 # -- learning the shape of a kind's runs ----------------------------------------------------------

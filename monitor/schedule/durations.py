@@ -5,7 +5,11 @@ censoring, the continuous-time relative of Kaplan-Meier): h_b = ends in bin b / 
 observed at ages in bin b. Every tracked execution adds its seconds of running as it is polled
 (censored: it has not ended yet) and one end when it ends, so long runs still going count as
 "not yet" instead of being missing, and a kind that always takes 10-20 minutes learns that
-nothing ends before 10 minutes. Sparse bins shrink toward the kind's overall rate.
+nothing ends before 10 minutes. Each bin's estimate pools its two neighbours (ages within 15 %
+either way): early on, a bin's few ends are mostly chance, and a bin with none sent its runs to
+the floor (no-progress, seeds 1000-1004: mean 0.98 against 0.99, kinds-no-progress 0.66 against
+0.67, mixed-stream 0.28 against 0.29; the others unchanged). Sparse bins shrink toward the kind's
+overall rate.
 
 `Durations.export()` / `Durations.load()` give a JSON-able dict (ages only, no clock), so that a
 restarted daemon or tomorrow's batch starts informed.
@@ -58,9 +62,11 @@ class AgeTable:
         return (self.events + 1.0) / (self.seconds + 1.0 / _PRIOR_RATE)
 
     def hazard(self, b: int, overall: float) -> float:
+        """Ends per second of running at the ages of bin b and its neighbours, shrunk toward `overall`."""
         width = (EDGES[b + 1] if b + 1 < _BINS else EDGES[b]) - EDGES[b]
         pseudo = _SHRINK_BINS * max(width, _FIRST_EDGE_S)
-        return (self.ends[b] + overall * pseudo) / (self.exposure[b] + pseudo)
+        lo, hi = max(b - 1, 0), min(b + 2, _BINS)
+        return (sum(self.ends[lo:hi]) + overall * pseudo) / (sum(self.exposure[lo:hi]) + pseudo)
 
     def next_poll(self, age: float, unit: float, limit: float, extra: float = 0.0) -> float:
         """Seconds from `age` until the integral of sqrt(hazard + extra) reaches `unit` (at most `limit`)."""
