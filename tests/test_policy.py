@@ -253,6 +253,23 @@ def test_adaptive_overdue_floor_goes_first() -> None:
     assert chosen.execution_id == "exec_0003"
 
 
+def test_adaptive_a_stall_check_goes_before_an_overdue_floor() -> None:
+    """A run crossing its stall threshold is polled then (its record is due), even while the floor
+    has executions waiting: behind a floor burst, stall records came a round-robin period late."""
+    policy, states = adaptive(10)
+    floor = policy.floor_interval(0.0)
+    crossing = states[5]
+    crossing.check_at = floor + 0.5
+    for state in states:
+        if state.execution_id != "exec_0003":
+            answer_running(policy, policy_take(policy, state, 1.0), floor)
+    now = floor + 1.0 + policy.min_gap_s
+    assert policy.choose(now) is crossing
+    chosen = policy.choose(now)
+    assert chosen is not None
+    assert chosen.execution_id == "exec_0003"
+
+
 def policy_take(policy: Policy, state: ExecState, now: float) -> ExecState:
     """Take a given state out of the queue as `choose` would."""
     state.ver += 1

@@ -314,18 +314,17 @@ class AdaptivePolicy(Policy):
     def _pick(self, now: float) -> ExecState | None:
         now += EPS  # ready_at's sums and these differences may disagree in the last bit
         floor = self.floor_interval(now)
-        entry = self._due.top()
-        if entry is not None and entry[0] <= now:
-            self._due.pop()
-            return entry[1]
+        # Predicted ends, then stall checks (a run crossing its stall threshold: a record is due
+        # then), before the floor: both are few, and a floor burst would hold them for a period.
+        for heap in (self._due, self._checks):
+            entry = heap.top()
+            if entry is not None and entry[0] <= now:
+                heap.pop()
+                return entry[1]
         stalest = self._floor.top()
         if stalest is not None and stalest[0] <= now - floor:
             self._floor.pop()
             return stalest[1]
-        entry = self._checks.top()
-        if entry is not None and entry[0] <= now:
-            self._checks.pop()
-            return entry[1]
         return self._pick_round(now, floor)
 
     def _pick_round(self, now: float, floor: float) -> ExecState | None:
